@@ -1,0 +1,15 @@
+"""hf_llama_mem: a Llama-family decoder with a learned memory matrix in every layer, for Hugging Face Transformers.
+
+Importing the package registers model_type "llama_mem" with AutoConfig, AutoModel and AutoModelForCausalLM.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_llama_mem import LlamaMemConfig
+from .modeling_llama_mem import LlamaMemForCausalLM, LlamaMemModel, LlamaMemPreTrainedModel
+
+__all__ = ["LlamaMemConfig", "LlamaMemForCausalLM", "LlamaMemModel", "LlamaMemPreTrainedModel"]
+
+AutoConfig.register("llama_mem", LlamaMemConfig, exist_ok=True)
+AutoModel.register(LlamaMemConfig, LlamaMemModel, exist_ok=True)
+AutoModelForCausalLM.register(LlamaMemConfig, LlamaMemForCausalLM, exist_ok=True)

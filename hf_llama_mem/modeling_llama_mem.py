@@ -1,0 +1,527 @@
+"""LlamaMem: a Llama decoder whose attention reads the last W tokens exactly and everything older from a memory.
+
+Each memory layer's attention has two readers over the same q, k, v: causal softmax attention over the last
+`sliding_window` tokens (RoPE, GQA, through the attention interface the config selects), and a per-kv-head gated
+delta-rule matrix S that holds exactly the tokens that have left the window (see memory_ops.py for the op and
+docs/memory_math.md for the derivation). The cache is a stock transformers `DynamicCache`: layers of type
+"hybrid_sliding" keep the window plus S and the key-convolution state; generate() works unchanged.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.utils import logging
+
+from .configuration_llama_mem import LlamaMemConfig
+from .memory_ops import chunk_gated_delta_rule, recurrent_gated_delta_rule
+
+__all__ = ["LlamaMemForCausalLM", "LlamaMemModel", "LlamaMemPreTrainedModel"]
+
+logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the cache field of model outputs (and the forward keyword) from `past_key_values` to
+# `cache`; generate() reads whichever name the installed version uses.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+# Queries per block of the windowed attention: a block attends at most QUERY_BLOCK + W - 1 keys, which keeps long
+# prefills O(T * W) instead of O(T^2) while keeping the Python loop short for small windows.
+QUERY_BLOCK = 512
+
+
+@dataclass
+class WindowView:
+    """What every layer needs to attend over its window in one forward call (shared by all layers).
+
+    cached: tokens already in the cache window before this call. key_valid: [B, cached + T] bool, False at padding,
+    None when every token is real. token_valid: [B, T], the part of key_valid for this call's tokens.
+    """
+
+    window: int
+    cached: int
+    key_valid: torch.Tensor | None
+    token_valid: torch.Tensor | None
+
+
+def window_mask(view: WindowView, q_start: int, q_end: int, k_start: int, k_end: int, device) -> torch.Tensor:
+    """Boolean mask [B or 1, 1, q, k]: causal, within the window, never a padding key (a padded query sees only
+    itself, so its softmax row is never empty; its output is never used)."""
+    q_pos = torch.arange(q_start, q_end, device=device)[:, None] + view.cached
+    k_pos = torch.arange(k_start, k_end, device=device)[None, :]
+    allowed = (k_pos <= q_pos) & (q_pos - k_pos < view.window)
+    if view.key_valid is None:
+        return allowed[None, None]
+    return allowed & (view.key_valid[:, None, None, k_start:k_end] | (k_pos == q_pos))
+
+
+def windowed_attention(
+    module: nn.Module,
+    interface: Callable,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    view: WindowView,
+    **kwargs,
+) -> torch.Tensor:
+    """Exact softmax attention of each query over the last W keys. query [B, H, T, D]; key, value
+    [B, Hkv, cached + T, D]. Returns [B, T, H, D]."""
+    length = query.shape[2]
+    eager = interface is eager_attention_forward
+    outputs = []
+    for q_start in range(0, length, QUERY_BLOCK):
+        q_end = min(q_start + QUERY_BLOCK, length)
+        k_start = max(0, view.cached + q_start - view.window + 1)
+        k_end = view.cached + q_end
+        mask = window_mask(view, q_start, q_end, k_start, k_end, query.device)
+        if eager:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
+            )
+        out, _ = interface(
+            module,
+            query[:, :, q_start:q_end],
+            key[:, :, k_start:k_end],
+            value[:, :, k_start:k_end],
+            mask,
+            is_causal=False,
+            **kwargs,
+        )
+        outputs.append(out)
+    return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """L2 normalisation over the last dim in float32 (the convention of the delta-rule kernels)."""
+    return F.normalize(x.float(), p=2.0, dim=-1, eps=1e-6)
+
+
+def keep_owned_window(layer, window: int) -> None:
+    """Keep exactly the last W - 1 tokens of a cache layer's window, in tensors the layer owns.
+
+    The stock sliding-window layer keeps a view of everything passed to `update`, so after a long prefill the whole
+    prefill stays pinned in memory; a copy of what is kept makes the cache size independent of the context length.
+    """
+    keep = window - 1
+    for name in ("keys", "values"):
+        kept = getattr(layer, name)
+        kept = kept[:, :, max(0, kept.shape[2] - keep) :]
+        if kept.untyped_storage().nbytes() > 2 * kept.nbytes:  # a decode step's view of W tokens is fine
+            kept = kept.clone()
+        setattr(layer, name, kept)
+
+
+class LlamaMemMemory(nn.Module):
+    """The memory reader of one layer: what each token writes when it leaves the window, and the read.
+
+    Per kv head: the memory key is a causal depthwise convolution of the pre-RoPE key (so a token's memory key
+    carries its predecessors, the associative-recall circuit), L2-normalised; the value is the attention value;
+    decay exp(g) and write strength beta come from the token's hidden state. Every query head reads its kv head's
+    S with its pre-RoPE, L2-normalised query; the read is RMS-normalised and scaled by a learned per-head gate.
+    """
+
+    def __init__(self, config: LlamaMemConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.window = config.sliding_window
+        self.chunk_size = config.memory_chunk_size
+        self.head_dim = config.head_dim
+        self.num_key_value_heads = config.num_key_value_heads
+        self.gated = config.memory_rule == "gated_delta"
+        channels = config.num_key_value_heads * config.head_dim
+        self.key_conv = nn.Conv1d(channels, channels, config.memory_conv_size, groups=channels, bias=False)
+        if self.gated:
+            self.decay_proj = nn.Linear(config.hidden_size, config.num_key_value_heads, bias=False)
+            self.decay_bias = nn.Parameter(torch.zeros(config.num_key_value_heads))
+            self.decay_log_rate = nn.Parameter(torch.zeros(config.num_key_value_heads))
+        self.write_proj = nn.Linear(config.hidden_size, config.num_key_value_heads, bias=True)
+        self.read_norm = LlamaRMSNorm(config.head_dim, eps=config.rms_norm_eps)
+        self.gate = nn.Parameter(torch.ones(config.num_attention_heads))
+
+    @property
+    def entry_dim(self) -> int:
+        """Per kv head and token, the window keeps [value | memory key | g | beta] until the token is written."""
+        return 2 * self.head_dim + 2
+
+    def entries(self, hidden_states, key, value, token_valid, layer_cache) -> torch.Tensor:
+        """What this call's tokens will write: [B, Hkv, T, entry_dim] in the model dtype.
+
+        hidden_states [B, T, hidden]; key (pre-RoPE), value [B, Hkv, T, D]. Padded tokens write nothing.
+        """
+        batch, num_heads, length, head_dim = key.shape
+        if token_valid is not None:
+            key = key * token_valid[:, None, :, None]
+        conv_input = key.permute(0, 1, 3, 2).reshape(batch, num_heads * head_dim, length)  # [B, C, T]
+        taps = self.key_conv.kernel_size[0] - 1
+        has_previous = layer_cache is not None and taps > 0 and layer_cache.has_previous_state[0]
+        previous = layer_cache.conv_states[0] if has_previous else conv_input.new_zeros(batch, conv_input.shape[1], taps)
+        memory_key = self.key_conv(torch.cat([previous, conv_input], dim=-1))
+        if layer_cache is not None and taps > 0:
+            # after the convolution: the cache overwrites its conv state in place
+            layer_cache.update_conv_state(conv_input, conv_kernel_size=taps)
+        memory_key = l2_normalize(memory_key.view(batch, num_heads, head_dim, length).transpose(2, 3))
+
+        beta = torch.sigmoid(self.write_proj(hidden_states).float())
+        if self.gated:
+            g = -self.decay_log_rate.exp() * F.softplus(self.decay_proj(hidden_states).float() + self.decay_bias)
+        else:
+            g = torch.zeros_like(beta)
+        if token_valid is not None:
+            beta, g = beta * token_valid[..., None], g * token_valid[..., None]
+        scalars = torch.stack([g, beta], dim=-1).transpose(1, 2)  # [B, Hkv, T, 2]
+        return torch.cat([value, memory_key.to(value.dtype), scalars.to(value.dtype)], dim=-1)
+
+    def read(self, query, window_entries, cached, layer_cache) -> torch.Tensor:
+        """Memory read for every query: [B, T, H, D] in float32, normed and gated.
+
+        query: pre-RoPE [B, H, T, D]. window_entries: [B, Hkv, cached + T, entry_dim], the cached window followed by
+        this call's tokens. The read at step t sees exactly the tokens j <= t - W: in the stream of tokens leaving the
+        window, front-padded with no-op writes, the read at t comes after the writes of the t + 1 entries before it.
+        """
+        length = query.shape[2]
+        state = None
+        if layer_cache is not None and layer_cache.is_recurrent_states_initialized[0]:
+            state = layer_cache.recurrent_states[0]
+        # With a cache the final state must include the token that leaves at the last step: one more stream entry,
+        # read by a zero query.
+        stream_length = length + (layer_cache is not None)
+        no_ops = min(self.window - cached, stream_length)
+        stream = F.pad(window_entries[:, :, : stream_length - no_ops], (0, 0, no_ops, 0)).transpose(1, 2)
+        value, key, g, beta = stream.split([self.head_dim, self.head_dim, 1, 1], dim=-1)
+        memory_query = F.pad(l2_normalize(query.transpose(1, 2)), (0, 0, 0, 0, 0, stream_length - length))
+        op_kwargs = {"chunk_size": self.chunk_size} if stream_length > 2 else {}
+        op = chunk_gated_delta_rule if stream_length > 2 else recurrent_gated_delta_rule
+        read, final_state = op(
+            memory_query,
+            key,
+            value,
+            g=g[..., 0],
+            beta=beta[..., 0],
+            scale=1.0,
+            initial_state=state,
+            output_final_state=layer_cache is not None,
+            **op_kwargs,
+        )
+        if layer_cache is not None:
+            layer_cache.update_recurrent_state(final_state)
+        return self.read_norm(read[:, :length]) * self.gate[:, None]
+
+
+class LlamaMemAttention(nn.Module):
+    """Llama attention over the last W tokens, plus the memory reader on memory layers.
+
+    Adapted from transformers.models.llama.modeling_llama.LlamaAttention: same projections and names, so a Llama
+    checkpoint loads by a plain copy.
+    """
+
+    def __init__(self, config: LlamaMemConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=config.attention_bias)
+        self.memory = LlamaMemMemory(config, layer_idx) if config.has_memory(layer_idx) else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        view: WindowView,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        hidden_shape = (batch, length, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, T, D]
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, Hkv, T, D]
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        layer_cache = cache.layers[self.layer_idx] if cache is not None else None
+        memory_cache = layer_cache if self.memory is not None else None
+
+        stored = value
+        if self.memory is not None:
+            stored = self.memory.entries(hidden_states, key, value, view.token_valid, memory_cache)
+        cos, sin = position_embeddings
+        rotated_query, rotated_key = apply_rotary_pos_emb(query, key, cos, sin)
+        if layer_cache is not None:
+            rotated_key, stored = layer_cache.update(rotated_key, stored)
+            keep_owned_window(layer_cache, view.window)
+
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output = windowed_attention(
+            self,
+            interface,
+            rotated_query,
+            rotated_key,
+            stored[..., : self.head_dim],
+            view,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        if self.memory is not None:
+            read = self.memory.read(query, stored, view.cached, memory_cache)
+            output = output + read.to(output.dtype)
+        return self.o_proj(output.reshape(batch, length, -1))
+
+
+class LlamaMemDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm decoder block, as in Llama: attention (with memory) and a SwiGLU MLP."""
+
+    def __init__(self, config: LlamaMemConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LlamaMemAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        view: WindowView,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        attended = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, view, cache)
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class LlamaMemPreTrainedModel(PreTrainedModel):
+    config_class = LlamaMemConfig
+    config: LlamaMemConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaMemDecoderLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = False
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    # The memory is a recurrent state: generate() must not try to roll it back (assisted decoding).
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers' init functions skip tensors already loaded from a checkpoint.
+        if isinstance(module, nn.Conv1d):
+            # PyTorch's default start for the key convolution (as DeltaNet): a near-identity start learns slower.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        else:
+            super()._init_weights(module)
+        if isinstance(module, LlamaMemMemory):
+            # A fresh model starts with the gate open: a closed gate learns far more slowly (DESIGN.md, section 1).
+            # Conversion from Llama closes it instead (`from_llama`), which keeps the retrofit exact.
+            init.ones_(module.gate)
+            if module.gated:
+                # Per-token decay exp(-softplus(bias)) starts between 0.90 and 0.999, as in Mamba and GDN.
+                step = torch.empty_like(module.decay_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+                init.copy_(module.decay_bias, step + torch.log(-torch.expm1(-step)))
+                init.zeros_(module.decay_log_rate)
+
+    def memory_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the memory readers (gates, decay and write projections, key convolution, read norm)."""
+        return [p for name, p in self.named_parameters() if ".memory." in name]
+
+
+class LlamaMemModel(LlamaMemPreTrainedModel):
+    def __init__(self, config: LlamaMemConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(LlamaMemDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        cache = resolve_cache_argument(cache, past_key_values)
+        inputs_embeds = self.embed(input_ids, inputs_embeds)
+        batch, length = inputs_embeds.shape[:2]
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache):
+            logger.warning_once("Gradient checkpointing replays layers, which would write the memory twice: no cache.")
+            use_cache, cache = False, None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        check_cache_batch(cache, batch)
+
+        past = cache.get_seq_length() if cache is not None else 0
+        view = make_window_view(self.config.sliding_window, past, batch, length, attention_mask, inputs_embeds.device)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, past, length, inputs_embeds.device)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        all_hidden_states = ()
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = layer(hidden_states, position_embeddings, view, cache)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states if output_hidden_states else None,
+            **{CACHE_FIELD: cache if use_cache or cache is not None else None},
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+    def embed(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds (got both or neither).")
+        if inputs_embeds is not None:
+            return inputs_embeds
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}.")
+        out_of_range = (input_ids < 0) | (input_ids >= self.config.vocab_size)
+        if out_of_range.any():
+            bad = input_ids[out_of_range][0].item()
+            raise ValueError(f"Token id {bad} is outside [0, vocab_size={self.config.vocab_size}).")
+        return self.embed_tokens(input_ids)
+
+
+def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """transformers < 5.24 passes the cache as `past_key_values`, 5.24+ as `cache`: accept either, not two."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the cache as `cache` or as `past_key_values`, not two different caches.")
+    cache = cache if cache is not None else past_key_values
+    if cache is not None and not isinstance(cache, Cache):
+        raise ValueError(f"The cache must be a transformers Cache (e.g. DynamicCache(config=...)), got {type(cache)}.")
+    return cache
+
+
+def check_cache_batch(cache: Cache | None, batch: int) -> None:
+    for layer in cache.layers if cache is not None else []:
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.numel() and keys.shape[0] != batch:
+            raise ValueError(f"The cache holds a batch of {keys.shape[0]} sequences, but the input has {batch}.")
+
+
+def make_window_view(window: int, past: int, batch: int, length: int, attention_mask, device) -> WindowView:
+    """Window bookkeeping for one call. attention_mask is [B, past + T] (1 = real token, 0 = padding) or None."""
+    cached = min(past, window - 1)
+    if attention_mask is None:
+        return WindowView(window, cached, None, None)
+    if attention_mask.dim() != 2 or attention_mask.shape != (batch, past + length):
+        raise ValueError(
+            f"attention_mask must have shape [batch, past + length] = [{batch}, {past + length}] "
+            f"(past = {past} cached tokens), got {tuple(attention_mask.shape)}."
+        )
+    key_valid = attention_mask[:, past - cached :].to(device=device, dtype=torch.bool)
+    if bool(key_valid.all()):
+        return WindowView(window, cached, None, None)
+    return WindowView(window, cached, key_valid, key_valid[:, cached:])
+
+
+def positions_from_mask(attention_mask, past: int, length: int, device) -> torch.LongTensor:
+    """Positions count real tokens only, so a left-padded row is computed exactly as the same row unpadded."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return torch.arange(past, past + length, device=device)[None]
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -length:].to(device)
+
+
+class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LlamaMemConfig):
+        super().__init__(config)
+        self.model = LlamaMemModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Causal LM forward. `num_items_in_batch` (passed by Trainer through kwargs) goes to the loss."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=resolve_cache_argument(cache, past_key_values),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss_kwargs = {k: v for k, v in kwargs.items() if k in ("num_items_in_batch", "ignore_index")}
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
