@@ -6,10 +6,22 @@ Importing the package registers model_type "llama_mem" with AutoConfig, AutoMode
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_llama_mem import LlamaMemConfig
+from .memory_state import load_memory, save_memory
 from .modeling_llama_mem import LlamaMemForCausalLM, LlamaMemModel, LlamaMemPreTrainedModel
 
-__all__ = ["LlamaMemConfig", "LlamaMemForCausalLM", "LlamaMemModel", "LlamaMemPreTrainedModel"]
+__all__ = [
+    "LlamaMemConfig",
+    "LlamaMemForCausalLM",
+    "LlamaMemModel",
+    "LlamaMemPreTrainedModel",
+    "load_memory",
+    "save_memory",
+]
 
 AutoConfig.register("llama_mem", LlamaMemConfig, exist_ok=True)
 AutoModel.register(LlamaMemConfig, LlamaMemModel, exist_ok=True)
 AutoModelForCausalLM.register(LlamaMemConfig, LlamaMemForCausalLM, exist_ok=True)
+# save_pretrained copies the code files next to the weights (for trust_remote_code) for classes marked so.
+LlamaMemConfig.register_for_auto_class()
+LlamaMemModel.register_for_auto_class("AutoModel")
+LlamaMemForCausalLM.register_for_auto_class("AutoModelForCausalLM")

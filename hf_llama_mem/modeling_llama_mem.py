@@ -339,6 +339,16 @@ class LlamaMemPreTrainedModel(PreTrainedModel):
                 init.copy_(module.decay_bias, step + torch.log(-torch.expm1(-step)))
                 init.zeros_(module.decay_log_rate)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as transformers does, with `auto_map` naming all three Auto classes, so that the folder loads with
+        `trust_remote_code=True` where hf_llama_mem is not installed (transformers writes only the saved class)."""
+        self.config.auto_map = {
+            "AutoConfig": "configuration_llama_mem.LlamaMemConfig",
+            "AutoModel": "modeling_llama_mem.LlamaMemModel",
+            "AutoModelForCausalLM": "modeling_llama_mem.LlamaMemForCausalLM",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def memory_parameters(self) -> list[nn.Parameter]:
         """The parameters of the memory readers (gates, decay and write projections, key convolution, read norm)."""
         return [p for name, p in self.named_parameters() if ".memory." in name]
@@ -483,6 +493,18 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    @classmethod
+    def from_llama(cls, source, **config_overrides) -> "LlamaMemForCausalLM":
+        """Convert a Llama-family causal LM (an instance, a local folder or a hub id) into LlamaMem.
+
+        Every source tensor is copied exactly once; the memory gates start closed, so the result equals the source
+        up to W tokens and the source with a W-token sliding window beyond, until it is trained. `config_overrides`
+        set LlamaMemConfig fields (sliding_window, memory_rule, memory_layers, ...).
+        """
+        from .convert_llama import convert_from_llama
+
+        return convert_from_llama(cls, source, **config_overrides)
 
     def forward(
         self,

@@ -1,0 +1,89 @@
+"""The `hf-llama-mem` console script: each subcommand parses its arguments and calls library functions."""
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def convert(args: argparse.Namespace) -> None:
+    from .convert_llama import load_source, verify_conversion
+    from .modeling_llama_mem import LlamaMemForCausalLM
+
+    overrides = {"sliding_window": args.sliding_window, "memory_rule": args.memory_rule}
+    if args.memory_layers is not None:
+        overrides["memory_layers"] = [int(i) for i in args.memory_layers.split(",") if i]
+    source = load_source(args.src)
+    model = LlamaMemForCausalLM.from_llama(source, **{k: v for k, v in overrides.items() if v is not None})
+    report = verify_conversion(source, model, num_sequences=args.check_sequences)
+    model.save_pretrained(args.dst)
+    summary = {
+        "source": args.src,
+        "destination": args.dst,
+        "sliding_window": model.config.sliding_window,
+        "memory_rule": model.config.memory_rule,
+        "memory_layers": model.config.memory_layers,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "new_memory_parameters": sum(p.numel() for p in model.memory_parameters()),
+        **report,
+    }
+    print(json.dumps(summary, indent=2))
+
+
+def generate(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
+
+    from .memory_state import load_memory, save_memory
+
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError):
+        tokenizer = ByT5Tokenizer()
+    cache = load_memory(args.load_memory, model) if args.load_memory else None
+    inputs = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=cache is None)
+    if cache is not None:
+        past = cache.get_seq_length()
+        inputs["attention_mask"] = torch.ones(1, past + inputs.input_ids.shape[1], dtype=torch.long)
+        inputs["input_ids"] = torch.cat([torch.zeros(1, past, dtype=torch.long), inputs.input_ids], 1)
+    output = model.generate(
+        **inputs, cache=cache, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+        temperature=args.temperature or None, return_dict_in_generate=True,
+    )
+    print(tokenizer.decode(output.sequences[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
+    if args.save_memory:
+        save_memory(output.cache if hasattr(output, "cache") else output.past_key_values, args.save_memory, model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-llama-mem", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("convert", help="convert a Llama/Mistral checkpoint into LlamaMem and verify it")
+    p.add_argument("src", help="source model: local folder or hub id")
+    p.add_argument("dst", help="folder to save the converted model in")
+    p.add_argument("--sliding-window", type=int, help="W; defaults to the source's window, else 4096")
+    p.add_argument("--memory-rule", choices=["gated_delta", "delta"])
+    p.add_argument("--memory-layers", help="comma-separated layer indices (default: every layer)")
+    p.add_argument("--check-sequences", type=int, default=3, help="random sequences to verify the conversion on")
+    p.set_defaults(run=convert)
+
+    p = commands.add_parser("generate", help="generate from a saved model, optionally continuing a saved memory")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--load-memory", help="memory file written by --save-memory to continue from")
+    p.add_argument("--save-memory", help="write the memory after generating to this file")
+    p.set_defaults(run=generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

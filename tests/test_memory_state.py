@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from hf_llama_mem import load_memory, save_memory
+from transformers import DynamicCache
+
+from .helpers import assert_close, tiny_model
+
+
+def prefill(model, ids):
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    return cache
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["fingerprinted", "plain"])
+def test_restored_memory_continues_exactly(tmp_path, with_model):
+    model = tiny_model()
+    ids = torch.randint(1, 256, (2, 70))
+    original = prefill(model, ids[:, :50])
+    save_memory(original, tmp_path / "memory.safetensors", model=model if with_model else None)
+    restored = load_memory(tmp_path / "memory.safetensors", model)
+    assert restored.get_seq_length() == 50
+    with torch.no_grad():
+        full = model(ids).logits[:, 50:]
+        from_original = model(ids[:, 50:], cache=original, use_cache=True).logits
+        from_restored = model(ids[:, 50:], cache=restored, use_cache=True).logits
+    assert torch.equal(from_restored, from_original)
+    assert_close(from_restored, full, 1e-4, "restored vs one forward")
+
+
+def test_restored_memory_generates_the_same(tmp_path):
+    model = tiny_model()
+    prompt = torch.randint(1, 256, (1, 40))
+    cache = prefill(model, prompt[:, :-1])
+    save_memory(cache, tmp_path / "m.safetensors", model=model)
+    kwargs = dict(max_new_tokens=20, do_sample=False)
+    expected = model.generate(prompt, cache=prefill(model, prompt[:, :-1]), **kwargs)
+    assert torch.equal(model.generate(prompt, cache=load_memory(tmp_path / "m.safetensors", model), **kwargs), expected)
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (dict(sliding_window=16), "sliding_window=8, this model has 16"),
+        (dict(num_hidden_layers=3), "has 2 layers, but this model has 3"),
+        (dict(memory_layers=[1]), "saved with memory=True, this model has False"),
+        (dict(num_key_value_heads=4), "expected [batch, 4, tokens, 16]"),
+        (dict(), "written by a model with other weights"),
+    ],
+    ids=["window", "layers", "memory-layers", "heads", "weights"],
+)
+def test_state_from_another_model_is_refused(tmp_path, other, message):
+    model = tiny_model()
+    save_memory(prefill(model, torch.randint(1, 256, (1, 30))), tmp_path / "m.safetensors", model=model)
+    with pytest.raises(ValueError) as error:
+        load_memory(tmp_path / "m.safetensors", tiny_model(**other))
+    assert message in str(error.value)
