@@ -35,6 +35,7 @@ def generate(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
 
     from .memory_state import load_memory, save_memory
+    from .modeling_llama_mem import CACHE_FIELD
 
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     try:
@@ -48,17 +49,35 @@ def generate(args: argparse.Namespace) -> None:
         inputs["attention_mask"] = torch.ones(1, past + inputs.input_ids.shape[1], dtype=torch.long)
         inputs["input_ids"] = torch.cat([torch.zeros(1, past, dtype=torch.long), inputs.input_ids], 1)
     output = model.generate(
-        **inputs, cache=cache, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+        **inputs, **{CACHE_FIELD: cache}, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
         temperature=args.temperature or None, return_dict_in_generate=True,
     )
     print(tokenizer.decode(output.sequences[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
     if args.save_memory:
-        save_memory(output.cache if hasattr(output, "cache") else output.past_key_values, args.save_memory, model)
+        save_memory(getattr(output, CACHE_FIELD), args.save_memory, model)
+
+
+def demo(args: argparse.Namespace) -> None:
+    from transformers.utils import logging
+
+    from .demo import DemoSettings, format_table, run_demo
+
+    logging.set_verbosity_info() if args.verbose else logging.set_verbosity_warning()
+    results = run_demo(args.output_dir, DemoSettings(steps=args.steps, seed=args.seed))
+    print(format_table(results))
+    print(f"results, plot (recall.png) and the trained memory model are in {args.output_dir}/")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-llama-mem", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("demo", help="train memory vs no-memory on recall beyond the window, compare (CPU, minutes)")
+    p.add_argument("--output-dir", default="demo_output")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help="log the memory probe (gates, read norms) while training")
+    p.set_defaults(run=demo)
 
     p = commands.add_parser("convert", help="convert a Llama/Mistral checkpoint into LlamaMem and verify it")
     p.add_argument("src", help="source model: local folder or hub id")
