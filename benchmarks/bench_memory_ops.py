@@ -49,15 +49,20 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[32, 64, 128])
     args = parser.parse_args()
-    print("| T | pass | recurrent ms | " + " | ".join(f"chunk {c} ms" for c in args.chunk_sizes) + " | best speed-up |")
+    print(
+        "| T | pass | recurrent ms | " + " | ".join(f"chunk {c} ms" for c in args.chunk_sizes) + " | best speed-up |"
+    )
     print("|---|---|---|" + "---|" * len(args.chunk_sizes) + "---|")
     for length in args.lengths:
         for backward in (False, True):
             reference = measure(recurrent_gated_delta_rule, length, backward, repeats=1)
             chunked = [measure(chunk_gated_delta_rule, length, backward, 3, chunk_size=c) for c in args.chunk_sizes]
             cells = " | ".join(f"{ms:.1f}" for ms in chunked)
-            print(f"| {length} | {'fwd+bwd' if backward else 'fwd'} | {reference:.1f} | {cells} | "
-                  f"{reference / min(chunked):.1f}x |", flush=True)
+            print(
+                f"| {length} | {'fwd+bwd' if backward else 'fwd'} | {reference:.1f} | {cells} | "
+                f"{reference / min(chunked):.1f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -15,12 +15,34 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hf_llama_mem import LlamaMemConfig, LlamaMemForCausalLM
 
-FULL = dict(train=[2048, 8192], prefill=[16384, 32768], decode=[1024, 16384, 32768], window=1024,
-            dims=dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                      intermediate_size=1408, vocab_size=32000))
-QUICK = dict(train=[1024, 4096], prefill=[8192], decode=[512, 8192], window=256,
-             dims=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=704, vocab_size=32000))
+FULL = dict(
+    train=[2048, 8192],
+    prefill=[16384, 32768],
+    decode=[1024, 16384, 32768],
+    window=1024,
+    dims=dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1408,
+        vocab_size=32000,
+    ),
+)
+QUICK = dict(
+    train=[1024, 4096],
+    prefill=[8192],
+    decode=[512, 8192],
+    window=256,
+    dims=dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=704,
+        vocab_size=32000,
+    ),
+)
 
 
 def build(settings):
@@ -100,8 +122,10 @@ def main():
     params = sum(p.numel() for p in models["llama_mem"].parameters())
     train_rate = results["rows"][0]["llama_mem"]
     results["train_mfu"] = 6 * params * train_rate / (results["matmul_peak_gflops"] * 1e9)
-    print(f"| LlamaMem training MFU @ {settings['train'][0]} (6 N tokens/s / matmul peak) | "
-          f"{results['train_mfu']:.1%} | | |")
+    print(
+        f"| LlamaMem training MFU @ {settings['train'][0]} (6 N tokens/s / matmul peak) | "
+        f"{results['train_mfu']:.1%} | | |"
+    )
     for length in sorted(set(settings["prefill"]) | set(settings["decode"])):
         rates, decode, sizes = {}, {}, {}
         for name, model in models.items():
@@ -115,8 +139,10 @@ def main():
             add(f"decode ms/token @ {length}", decode, False)
         add(f"cache MB @ {length}", {n: b / 2**20 for n, b in sizes.items()}, False)
     results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"peak RSS of the process (both models): {results['peak_rss_gb']:.2f} GB; "
-          f"matmul peak {results['matmul_peak_gflops']:.1f} GFLOP/s")
+    print(
+        f"peak RSS of the process (both models): {results['peak_rss_gb']:.2f} GB; "
+        f"matmul peak {results['matmul_peak_gflops']:.1f} GFLOP/s"
+    )
     with open(args.json, "w") as handle:
         json.dump(results, handle, indent=2)
 

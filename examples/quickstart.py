@@ -29,9 +29,11 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
     prompt = tokenizer("The memory keeps what leaves the window. " * 4, return_tensors="pt")
     output = model.generate(**prompt, max_new_tokens=64, do_sample=False)
-    print(f"{type(model).__name__}: window {config.sliding_window}, prompt {prompt.input_ids.shape[1]} tokens, "
-          f"generated {output.shape[1] - prompt.input_ids.shape[1]} more (untrained, so the text is noise)")
-    print(repr(tokenizer.decode(output[0, prompt.input_ids.shape[1]:], skip_special_tokens=True)))
+    print(
+        f"{type(model).__name__}: window {config.sliding_window}, prompt {prompt.input_ids.shape[1]} tokens, "
+        f"generated {output.shape[1] - prompt.input_ids.shape[1]} more (untrained, so the text is noise)"
+    )
+    print(repr(tokenizer.decode(output[0, prompt.input_ids.shape[1] :], skip_special_tokens=True)))
 
 
 if __name__ == "__main__":

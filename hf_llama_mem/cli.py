@@ -49,10 +49,14 @@ def generate(args: argparse.Namespace) -> None:
         inputs["attention_mask"] = torch.ones(1, past + inputs.input_ids.shape[1], dtype=torch.long)
         inputs["input_ids"] = torch.cat([torch.zeros(1, past, dtype=torch.long), inputs.input_ids], 1)
     output = model.generate(
-        **inputs, **{CACHE_FIELD: cache}, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-        temperature=args.temperature or None, return_dict_in_generate=True,
+        **inputs,
+        **{CACHE_FIELD: cache},
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature or None,
+        return_dict_in_generate=True,
     )
-    print(tokenizer.decode(output.sequences[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
+    print(tokenizer.decode(output.sequences[0, inputs.input_ids.shape[1] :], skip_special_tokens=True))
     if args.save_memory:
         save_memory(getattr(output, CACHE_FIELD), args.save_memory, model)
 
@@ -72,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-llama-mem", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("demo", help="train memory vs no-memory on recall beyond the window, compare (CPU, minutes)")
+    p = commands.add_parser(
+        "demo", help="train memory vs no-memory on recall beyond the window, compare (CPU, minutes)"
+    )
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)

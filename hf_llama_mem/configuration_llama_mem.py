@@ -77,10 +77,14 @@ class LlamaMemConfig(LlamaConfig):
         for layer_idx in self.memory_layers or []:
             if not 0 <= layer_idx < self.num_hidden_layers:
                 raise ValueError(
-                    f"memory_layers contains {layer_idx}, but layer indices run from 0 to {self.num_hidden_layers - 1}."
+                    f"memory_layers contains {layer_idx}, but layer indices run from 0 to "
+                    f"{self.num_hidden_layers - 1}."
                 )
-        expected = ["hybrid_sliding" if self.has_memory(i) else "sliding_attention" for i in range(self.num_hidden_layers)]
+        expected = [
+            "hybrid_sliding" if self.has_memory(i) else "sliding_attention" for i in range(self.num_hidden_layers)
+        ]
         if self.layer_types != expected:
             raise ValueError(
-                f"layer_types {self.layer_types} does not match memory_layers {self.memory_layers}; expected {expected}."
+                f"layer_types {self.layer_types} does not match memory_layers {self.memory_layers}; "
+                f"expected {expected}."
             )

@@ -29,7 +29,9 @@ def load_source(source: str | PreTrainedModel) -> PreTrainedModel:
         )
     if isinstance(source, PreTrainedModel):
         if not hasattr(source, "lm_head"):
-            raise ValueError(f"Expected a causal LM with an lm_head (e.g. LlamaForCausalLM), got {type(source).__name__}.")
+            raise ValueError(
+                f"Expected a causal LM with an lm_head (e.g. LlamaForCausalLM), got {type(source).__name__}."
+            )
         return source
     return AutoModelForCausalLM.from_pretrained(source, dtype="auto")
 
@@ -58,7 +60,8 @@ def copy_source_weights(target: PreTrainedModel, source: PreTrainedModel) -> Non
         for name in expected:
             if target_state[name].shape != source_state[name].shape:
                 raise ValueError(
-                    f"{name}: source shape {tuple(source_state[name].shape)} != target {tuple(target_state[name].shape)}."
+                    f"{name}: source shape {tuple(source_state[name].shape)} != "
+                    f"target {tuple(target_state[name].shape)}."
                 )
             target_state[name].copy_(source_state[name])
 

@@ -116,8 +116,15 @@ def run_demo(output_dir: str = "demo_output", settings: DemoSettings | None = No
     """Train both models, evaluate at 1x and 8x the gap, write results.json, recall.png and the memory model."""
     settings = settings or DemoSettings()
     os.makedirs(output_dir, exist_ok=True)
-    results = {"settings": {"steps": settings.steps, "window": settings.window, "gap": settings.task.gap,
-                            "pairs": settings.task.num_pairs, "chance": settings.task.chance}}
+    results = {
+        "settings": {
+            "steps": settings.steps,
+            "window": settings.window,
+            "gap": settings.task.gap,
+            "pairs": settings.task.num_pairs,
+            "chance": settings.task.chance,
+        }
+    }
     for name, with_memory in (("memory", True), ("baseline", False)):
         model, history = train(settings, with_memory, os.path.join(output_dir, f"trainer_{name}"))
         results[name] = {

@@ -107,7 +107,9 @@ def chunk_gated_delta_rule(
 
     # UT transform: (I + A) U = beta * V - (beta * decay * K) S0, with A strictly lower triangular.
     k_beta = k * beta[..., None]
-    system = torch.eye(chunk_size, dtype=k.dtype, device=q.device) + (k_beta @ k.transpose(-1, -2)) * pair_decay.tril(-1)
+    system = torch.eye(chunk_size, dtype=k.dtype, device=q.device) + (k_beta @ k.transpose(-1, -2)) * pair_decay.tril(
+        -1
+    )
     rhs = torch.cat([v * beta[..., None], k_beta * log_decay.exp()[..., None]], dim=-1)
     solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     values_part, keys_part = solved.split([v.shape[-1], k.shape[-1]], dim=-1)

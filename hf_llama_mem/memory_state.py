@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 
-import torch
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, PreTrainedModel
 
@@ -30,7 +29,8 @@ def weights_fingerprint(model: PreTrainedModel) -> str:
 
 def layout_of_cache(cache: DynamicCache) -> list[dict]:
     return [
-        {"sliding_window": layer.sliding_window, "memory": hasattr(layer, "recurrent_states")} for layer in cache.layers
+        {"sliding_window": layer.sliding_window, "memory": hasattr(layer, "recurrent_states")}
+        for layer in cache.layers
     ]
 
 
@@ -88,11 +88,12 @@ def check_compatible(metadata: dict, tensors: dict, cache: DynamicCache, model: 
     saved, expected = json.loads(metadata["layout"]), layout_of_cache(cache)
     if len(saved) != len(expected):
         raise ValueError(f"Memory state {path} has {len(saved)} layers, but this model has {len(expected)}.")
-    for index, (was, now) in enumerate(zip(saved, expected)):
+    for index, (was, now) in enumerate(zip(saved, expected, strict=True)):
         for field in ("sliding_window", "memory"):
             if was[field] != now[field]:
                 raise ValueError(
-                    f"Memory state {path}, layer {index}: saved with {field}={was[field]}, this model has {now[field]}."
+                    f"Memory state {path}, layer {index}: saved with {field}={was[field]}, "
+                    f"this model has {now[field]}."
                 )
     config = model.config
     for index in range(len(expected)):

@@ -7,10 +7,9 @@ docs/memory_math.md for the derivation). The cache is a stock transformers `Dyna
 "hybrid_sliding" keep the window plus S and the key-convolution state; generate() works unchanged.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +168,9 @@ class LlamaMemMemory(nn.Module):
         conv_input = key.permute(0, 1, 3, 2).reshape(batch, num_heads * head_dim, length)  # [B, C, T]
         taps = self.key_conv.kernel_size[0] - 1
         has_previous = layer_cache is not None and taps > 0 and layer_cache.has_previous_state[0]
-        previous = layer_cache.conv_states[0] if has_previous else conv_input.new_zeros(batch, conv_input.shape[1], taps)
+        previous = (
+            layer_cache.conv_states[0] if has_previous else conv_input.new_zeros(batch, conv_input.shape[1], taps)
+        )
         memory_key = self.key_conv(torch.cat([previous, conv_input], dim=-1))
         if layer_cache is not None and taps > 0:
             # after the convolution: the cache overwrites its conv state in place

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from transformers import DynamicCache
 
 from .helpers import assert_close, tiny_model
@@ -13,7 +12,9 @@ def cache_bytes(cache) -> int:
     storages = {}
     for layer in cache.layers:
         tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
-        tensors += list(getattr(layer, "conv_states", {}).values()) + list(getattr(layer, "recurrent_states", {}).values())
+        tensors += list(getattr(layer, "conv_states", {}).values()) + list(
+            getattr(layer, "recurrent_states", {}).values()
+        )
         for tensor in tensors:
             if isinstance(tensor, torch.Tensor):
                 storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()

@@ -1,7 +1,7 @@
 import pytest
+from transformers import AutoConfig
 
 from hf_llama_mem import LlamaMemConfig
-from transformers import AutoConfig
 
 from .helpers import tiny_config
 

@@ -1,7 +1,5 @@
 import pytest
 import torch
-
-from hf_llama_mem import LlamaMemForCausalLM
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -12,11 +10,19 @@ from transformers import (
     MistralForCausalLM,
 )
 
+from hf_llama_mem import LlamaMemForCausalLM
+
 from .helpers import assert_close
 
 WINDOW = 8
-DIMS = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
+DIMS = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def windowed_reference(llama: LlamaForCausalLM, attn: str) -> MistralForCausalLM:
@@ -95,12 +101,23 @@ def test_convert_cli_end_to_end(tmp_path):
 
     LlamaForCausalLM(LlamaConfig(**DIMS)).save_pretrained(tmp_path / "llama")
     result = subprocess.run(
-        [sys.executable, "-m", "hf_llama_mem.cli", "convert", str(tmp_path / "llama"), str(tmp_path / "mem"),
-         "--sliding-window", "16", "--memory-layers", "1"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "hf_llama_mem.cli",
+            "convert",
+            str(tmp_path / "llama"),
+            str(tmp_path / "mem"),
+            "--sliding-window",
+            "16",
+            "--memory-layers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["max_abs_logit_diff"] < 1e-4 and summary["checked_sequences"] == 3
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mem")
     assert (loaded.config.sliding_window, loaded.config.memory_layers) == (16, [1])

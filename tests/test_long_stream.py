@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from transformers import DynamicCache
 
 from .helpers import tiny_model

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from transformers import DynamicCache
 
 from hf_llama_mem import load_memory, save_memory
 from hf_llama_mem.modeling_llama_mem import CACHE_FIELD
-from transformers import DynamicCache
 
 from .helpers import assert_close, tiny_model
 
@@ -39,7 +39,9 @@ def test_restored_memory_generates_the_same(tmp_path):
     kwargs = dict(max_new_tokens=20, do_sample=False)
     # generate() takes the cache as `cache` from transformers 5.24 on, as `past_key_values` before
     expected = model.generate(prompt, **{CACHE_FIELD: prefill(model, prompt[:, :-1])}, **kwargs)
-    assert torch.equal(model.generate(prompt, **{CACHE_FIELD: load_memory(tmp_path / "m.safetensors", model)}, **kwargs), expected)
+    assert torch.equal(
+        model.generate(prompt, **{CACHE_FIELD: load_memory(tmp_path / "m.safetensors", model)}, **kwargs), expected
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
 from hf_llama_mem import LlamaMemForCausalLM, LlamaMemModel
-from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
 from .helpers import assert_close, tiny_config, tiny_model
 

@@ -32,9 +32,13 @@ class AssociativeRecall:
     def sample(self, batch_size: int, generator: torch.Generator, gap: int | None = None) -> dict[str, torch.Tensor]:
         """input_ids and labels [B, 4K + gap]; labels are -100 except at the recalled values."""
         gap = self.gap if gap is None else gap
-        keys = torch.stack([torch.randperm(self.num_keys, generator=generator)[: self.num_pairs] for _ in range(batch_size)])
+        keys = torch.stack(
+            [torch.randperm(self.num_keys, generator=generator)[: self.num_pairs] for _ in range(batch_size)]
+        )
         values = torch.randint(0, self.num_values, (batch_size, self.num_pairs), generator=generator) + self.num_keys
-        filler = torch.randint(0, self.num_filler, (batch_size, gap), generator=generator) + self.num_keys + self.num_values
+        filler = (
+            torch.randint(0, self.num_filler, (batch_size, gap), generator=generator) + self.num_keys + self.num_values
+        )
         order = torch.stack([torch.randperm(self.num_pairs, generator=generator) for _ in range(batch_size)])
         asked_keys, asked_values = keys.gather(1, order), values.gather(1, order)
         pairs = torch.stack([keys, values], -1).flatten(1)
@@ -45,8 +49,9 @@ class AssociativeRecall:
         return {"input_ids": input_ids, "labels": labels}
 
     @torch.no_grad()
-    def evaluate(self, model, num_sequences: int = 256, batch_size: int = 64, gap: int | None = None,
-                 seed: int = 1234) -> dict[str, float]:
+    def evaluate(
+        self, model, num_sequences: int = 256, batch_size: int = 64, gap: int | None = None, seed: int = 1234
+    ) -> dict[str, float]:
         """Recall accuracy at `gap` (default: the task's), on freshly seeded sequences."""
         generator = seeded_generator(seed)
         correct = []

@@ -19,9 +19,9 @@ def test_recall_sequences_put_every_pair_at_least_the_gap_before_its_query():
     ids, labels = batch["input_ids"], batch["labels"]
     assert ids.shape == (3, 4 * 4 + 20)
     for row in range(3):
-        pairs = dict(zip(ids[row, 0:8:2].tolist(), ids[row, 1:8:2].tolist()))
+        pairs = dict(zip(ids[row, 0:8:2].tolist(), ids[row, 1:8:2].tolist(), strict=True))
         queries = ids[row, -8:].tolist()
-        for query_pos, (key, value) in enumerate(zip(queries[0::2], queries[1::2])):
+        for query_pos, (key, value) in enumerate(zip(queries[0::2], queries[1::2], strict=True)):
             assert pairs[key] == value
             assert (ids.shape[1] - 8 + 2 * query_pos) - 2 * list(pairs).index(key) >= 20
         assert labels[row].ne(-100).sum() == 4 and labels[row, -1] == ids[row, -1]
