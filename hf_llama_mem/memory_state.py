@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, PreTrainedModel
 
@@ -61,8 +62,6 @@ def save_memory(cache: DynamicCache, path: str | os.PathLike, model: PreTrainedM
 
 def load_memory(path: str | os.PathLike, model: PreTrainedModel) -> DynamicCache:
     """A cache holding the memory saved at `path`, checked to belong to `model`; pass it to forward/generate."""
-    from safetensors import safe_open
-
     with safe_open(os.fspath(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if metadata.get("format_version") != FORMAT_VERSION:

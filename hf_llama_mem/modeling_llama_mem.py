@@ -152,13 +152,8 @@ class LlamaMemMemory(nn.Module):
         self.read_norm = LlamaRMSNorm(config.head_dim, eps=config.rms_norm_eps)
         self.gate = nn.Parameter(torch.ones(config.num_attention_heads))
 
-    @property
-    def entry_dim(self) -> int:
-        """Per kv head and token, the window keeps [value | memory key | g | beta] until the token is written."""
-        return 2 * self.head_dim + 2
-
     def entries(self, hidden_states, key, value, token_valid, layer_cache) -> torch.Tensor:
-        """What this call's tokens will write: [B, Hkv, T, entry_dim] in the model dtype.
+        """What this call's tokens will write: [value | memory key | g | beta], [B, Hkv, T, 2D + 2] in the model dtype.
 
         hidden_states [B, T, hidden]; key (pre-RoPE), value [B, Hkv, T, D]. Padded tokens write nothing.
         """
@@ -190,7 +185,7 @@ class LlamaMemMemory(nn.Module):
     def read(self, query, window_entries, cached, layer_cache) -> torch.Tensor:
         """Memory read for every query: [B, T, H, D] in float32, normed and gated.
 
-        query: pre-RoPE [B, H, T, D]. window_entries: [B, Hkv, cached + T, entry_dim], the cached window followed by
+        query: pre-RoPE [B, H, T, D]. window_entries: [B, Hkv, cached + T, 2D + 2], the cached window followed by
         this call's tokens. The read at step t sees exactly the tokens j <= t - W: in the stream of tokens leaving the
         window, front-padded with no-op writes, the read at t comes after the writes of the t + 1 entries before it.
         """
@@ -419,7 +414,7 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states if output_hidden_states else None,
-            **{CACHE_FIELD: cache if use_cache or cache is not None else None},
+            **{CACHE_FIELD: cache},
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
@@ -472,7 +467,9 @@ def make_window_view(window: int, past: int, batch: int, length: int, attention_
 
 
 def positions_from_mask(attention_mask, past: int, length: int, device) -> torch.LongTensor:
-    """Positions count real tokens only, so a left-padded row is computed exactly as the same row unpadded."""
+    """Positions count real tokens only, so a left-padded row is computed exactly as the same row unpadded.
+
+    Reads the whole mask, not just the window: padding that has left the window still shifts the positions."""
     if attention_mask is None or bool(attention_mask.all()):
         return torch.arange(past, past + length, device=device)[None]
     positions = attention_mask.long().cumsum(-1) - 1

@@ -4,16 +4,21 @@ import torch
 
 from hf_llama_mem import LlamaMemConfig, LlamaMemForCausalLM
 
+# The dimensions every test model shares, Llama or LlamaMem.
+TINY_DIMS = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
 
 def tiny_config(**overrides) -> LlamaMemConfig:
     """hidden 64, 2 layers, vocab 256, W = 8: every memory path is exercised in milliseconds."""
     settings = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DIMS,
         sliding_window=8,
         memory_chunk_size=16,
         pad_token_id=0,

@@ -12,17 +12,10 @@ from transformers import (
 
 from hf_llama_mem import LlamaMemForCausalLM
 
-from .helpers import assert_close
+from .helpers import TINY_DIMS, assert_close
 
 WINDOW = 8
-DIMS = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+DIMS = TINY_DIMS
 
 
 def windowed_reference(llama: LlamaForCausalLM, attn: str) -> MistralForCausalLM:
