@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_llama_mem import LlamaMemConfig
 from .memory_state import load_memory, save_memory
+from .model_card import write_model_card
 from .modeling_llama_mem import LlamaMemForCausalLM, LlamaMemModel, LlamaMemPreTrainedModel
 
 __all__ = [
@@ -25,3 +26,5 @@ AutoModelForCausalLM.register(LlamaMemConfig, LlamaMemForCausalLM, exist_ok=True
 LlamaMemConfig.register_for_auto_class()
 LlamaMemModel.register_for_auto_class("AutoModel")
 LlamaMemForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# Saved folders and Hub uploads get a model card rendered from model_cards/llama_mem.md.
+LlamaMemPreTrainedModel.model_card_writer = staticmethod(write_model_card)

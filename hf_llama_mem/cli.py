@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -9,6 +10,7 @@ import torch
 
 def convert(args: argparse.Namespace) -> None:
     from .convert_llama import load_source, verify_conversion
+    from .model_card import write_model_card
     from .modeling_llama_mem import LlamaMemForCausalLM
 
     overrides = {"sliding_window": args.sliding_window, "memory_rule": args.memory_rule}
@@ -18,6 +20,8 @@ def convert(args: argparse.Namespace) -> None:
     model = LlamaMemForCausalLM.from_llama(source, **{k: v for k, v in overrides.items() if v is not None})
     report = verify_conversion(source, model, num_sequences=args.check_sequences)
     model.save_pretrained(args.dst)
+    # A hub id names the base model in the card's metadata (a local folder means nothing on the Hub).
+    write_model_card(model.config, args.dst, base_model=None if os.path.isdir(args.src) else args.src)
     summary = {
         "source": args.src,
         "destination": args.dst,

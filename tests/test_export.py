@@ -1,38 +1,47 @@
 import json
 import os
 import subprocess
-import sys
+import sysconfig
 import textwrap
+import venv
+from pathlib import Path
 
 import torch
 
 from .helpers import tiny_model
 
-# Runs in a fresh interpreter where importing hf_llama_mem fails, as on a machine without the package.
+# Runs in a separate Python environment that has torch and transformers but not hf_llama_mem.
 REMOTE_LOAD = textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    class NoPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "hf_llama_mem":
-                raise ImportError("hf_llama_mem is not installed here")
-
-    sys.meta_path.insert(0, NoPackage())
+    import importlib.util, sys
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
+    assert importlib.util.find_spec("hf_llama_mem") is None, "hf_llama_mem is importable in this environment"
     folder = sys.argv[1]
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     base = AutoModel.from_pretrained(folder, trust_remote_code=True)
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    assert "hf_llama_mem" not in sys.modules
     ids = torch.load(folder + "/ids.pt")
     with torch.no_grad():
         torch.save(model(ids).logits, folder + "/remote_logits.pt")
-    print(type(model).__name__, type(base).__name__)
+    print(sys.prefix, type(model).__name__, type(base).__name__)
     """
 )
+
+
+def environment_without_package(root) -> str:
+    """A new virtual environment whose site-packages links every installed distribution except hf_llama_mem
+    (and its editable-install hooks): the dependencies of a user who downloads a model, without our package."""
+    venv.create(root, with_pip=False)
+    target = Path(sysconfig.get_path("purelib", vars={"base": str(root), "platbase": str(root)}))
+    for source_dir in {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}:
+        for entry in Path(source_dir).iterdir():
+            if not entry.name.startswith(("hf_llama_mem", "__editable__", "_hf_llama_mem")) and not (
+                target / entry.name
+            ).exists():
+                (target / entry.name).symlink_to(entry)
+    return str(Path(root) / "bin" / "python")
 
 
 def test_saved_folder_is_flat_and_names_all_auto_classes(tmp_path):
@@ -48,12 +57,13 @@ def test_trust_remote_code_loads_without_the_package_with_identical_logits(tmp_p
     model.save_pretrained(tmp_path)
     ids = torch.randint(1, 256, (2, 40))
     torch.save(ids, tmp_path / "ids.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    python = environment_without_package(tmp_path / "env")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True
+        [python, "-c", REMOTE_LOAD, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "LlamaMemForCausalLM LlamaMemModel" in result.stdout
+    assert result.stdout.split() == [str(tmp_path / "env"), "LlamaMemForCausalLM", "LlamaMemModel"]
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "remote_logits.pt"), model(ids).logits)
