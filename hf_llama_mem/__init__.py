@@ -9,13 +9,17 @@ from .configuration_llama_mem import LlamaMemConfig
 from .memory_state import load_memory, save_memory
 from .model_card import write_model_card
 from .modeling_llama_mem import LlamaMemForCausalLM, LlamaMemModel, LlamaMemPreTrainedModel
+from .peft_defaults import register_peft_defaults
+from .training import create_optimizer, memory_parameter_groups
 
 __all__ = [
     "LlamaMemConfig",
     "LlamaMemForCausalLM",
     "LlamaMemModel",
     "LlamaMemPreTrainedModel",
+    "create_optimizer",
     "load_memory",
+    "memory_parameter_groups",
     "save_memory",
 ]
 
@@ -28,3 +32,4 @@ LlamaMemModel.register_for_auto_class("AutoModel")
 LlamaMemForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 # Saved folders and Hub uploads get a model card rendered from model_cards/llama_mem.md.
 LlamaMemPreTrainedModel.model_card_writer = staticmethod(write_model_card)
+register_peft_defaults()
