@@ -6,7 +6,7 @@ Importing the package registers model_type "llama_mem" with AutoConfig, AutoMode
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_llama_mem import LlamaMemConfig
-from .memory_state import load_memory, save_memory
+from .memory_state import generate_with_memory, load_memory, save_memory
 from .model_card import write_model_card
 from .modeling_llama_mem import LlamaMemForCausalLM, LlamaMemModel, LlamaMemPreTrainedModel
 from .peft_defaults import register_peft_defaults
@@ -18,6 +18,7 @@ __all__ = [
     "LlamaMemModel",
     "LlamaMemPreTrainedModel",
     "create_optimizer",
+    "generate_with_memory",
     "load_memory",
     "memory_parameter_groups",
     "save_memory",

@@ -5,7 +5,6 @@ import json
 import os
 import sys
 
-import torch
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -38,8 +37,7 @@ def convert(args: argparse.Namespace) -> None:
 def generate(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
 
-    from .memory_state import load_memory, save_memory
-    from .modeling_llama_mem import CACHE_FIELD
+    from .memory_state import generate_with_memory, load_memory, save_memory
 
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     try:
@@ -47,22 +45,18 @@ def generate(args: argparse.Namespace) -> None:
     except (OSError, ValueError):
         tokenizer = ByT5Tokenizer()
     cache = load_memory(args.load_memory, model) if args.load_memory else None
-    inputs = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=cache is None)
-    if cache is not None:
-        past = cache.get_seq_length()
-        inputs["attention_mask"] = torch.ones(1, past + inputs.input_ids.shape[1], dtype=torch.long)
-        inputs["input_ids"] = torch.cat([torch.zeros(1, past, dtype=torch.long), inputs.input_ids], 1)
-    output = model.generate(
-        **inputs,
-        **{CACHE_FIELD: cache},
+    prompt = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=cache is None).input_ids
+    new_tokens, cache = generate_with_memory(
+        model,
+        prompt,
+        cache,
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,
         temperature=args.temperature or None,
-        return_dict_in_generate=True,
     )
-    print(tokenizer.decode(output.sequences[0, inputs.input_ids.shape[1] :], skip_special_tokens=True))
+    print(tokenizer.decode(new_tokens[0], skip_special_tokens=True))
     if args.save_memory:
-        save_memory(getattr(output, CACHE_FIELD), args.save_memory, model)
+        save_memory(cache, args.save_memory, model)
 
 
 def demo(args: argparse.Namespace) -> None:

@@ -11,9 +11,12 @@ import os
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+import torch
 from transformers import DynamicCache, PreTrainedModel
 
-__all__ = ["load_memory", "save_memory"]
+from .modeling_llama_mem import CACHE_FIELD
+
+__all__ = ["generate_with_memory", "load_memory", "save_memory"]
 
 FORMAT_VERSION = "1"
 
@@ -107,3 +110,28 @@ def check_compatible(metadata: dict, tensors: dict, cache: DynamicCache, model: 
             f"Memory state {path} was written by a model with other weights (fingerprint {metadata['weights']}, "
             f"this model {weights_fingerprint(model)})."
         )
+
+
+def generate_with_memory(
+    model: PreTrainedModel, input_ids: torch.LongTensor, cache: DynamicCache | None = None, **generate_kwargs
+) -> tuple[torch.LongTensor, DynamicCache]:
+    """generate() continuing `cache` (everything the model has read so far, e.g. from `load_memory` or the previous
+    turn) with only the new `input_ids` [B, n]. Returns the new tokens and the cache, which has then read every one
+    of them (generate() leaves the last generated token unread; it is fed here), ready for the next turn.
+
+    generate() expects the ids of the whole history and feeds only those the cache has not seen; the history itself
+    is not needed (the cache holds what is left of it), so the seen positions are filled with placeholders.
+    """
+    past = cache.get_seq_length() if cache is not None else 0
+    ids = torch.cat([input_ids.new_zeros(input_ids.shape[0], past), input_ids], dim=1)
+    output = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        return_dict_in_generate=True,
+        **{CACHE_FIELD: cache},
+        **generate_kwargs,
+    )
+    new_tokens, cache = output.sequences[:, ids.shape[1] :], getattr(output, CACHE_FIELD)
+    with torch.no_grad():
+        model(input_ids=new_tokens[:, -1:], cache=cache, use_cache=True)
+    return new_tokens, cache

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_llama_mem import load_memory, save_memory
+from hf_llama_mem import generate_with_memory, load_memory, save_memory
 from hf_llama_mem.modeling_llama_mem import CACHE_FIELD
 
 from .helpers import assert_close, tiny_model
@@ -61,3 +61,20 @@ def test_state_from_another_model_is_refused(tmp_path, other, message):
     with pytest.raises(ValueError) as error:
         load_memory(tmp_path / "m.safetensors", tiny_model(**other))
     assert message in str(error.value)
+
+
+def test_generate_with_memory_over_turns_equals_one_generate_over_the_whole_conversation(tmp_path):
+    model = tiny_model()
+    turns = [torch.randint(1, 256, (1, n)) for n in (30, 7, 12)]  # 8-token window: later turns see turn 1 via memory
+    kwargs = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    cache, history = None, torch.empty(1, 0, dtype=torch.long)
+    for index, turn in enumerate(turns):
+        if index == 2:  # the last turn continues from disk, as a new session would
+            save_memory(cache, tmp_path / "chat.safetensors", model)
+            cache = load_memory(tmp_path / "chat.safetensors", model)
+        reply, cache = generate_with_memory(model, turn, cache, **kwargs)
+        history = torch.cat([history, turn], 1)
+        expected = model.generate(history, attention_mask=torch.ones_like(history), **kwargs)[:, history.shape[1] :]
+        assert torch.equal(reply, expected), f"turn {index}"
+        history = torch.cat([history, reply], 1)
+        assert cache.get_seq_length() == history.shape[1]

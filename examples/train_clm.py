@@ -1,0 +1,154 @@
+"""Train a LlamaMem causal LM on local text files with the stock Trainer.
+
+    python examples/train_clm.py                      # small model, Python's own stdlib sources, ByT5 bytes, CPU
+    python examples/train_clm.py --train-files 'docs/*.txt' --model path/to/llama_mem --block-size 8192
+    accelerate launch --multi_gpu --num_processes 2 examples/train_clm.py   # data parallel (GPUs or, without
+                                                                           # GPUs, 2 CPU processes), same script
+
+Pipeline: text files -> `datasets` (load, tokenize with `map`, group into blocks much longer than the window) ->
+Trainer (memory parameters in their own optimizer group, see hf_llama_mem.training) -> save model and tokenizer.
+Held-out loss is measured before and after training and written to train_results.json.
+"""
+
+import argparse
+import glob
+import json
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, Trainer, TrainingArguments
+from transformers.trainer_utils import set_seed
+
+from hf_llama_mem import LlamaMemConfig, LlamaMemForCausalLM, create_optimizer
+from hf_llama_mem.corpus import lm_blocks, stdlib_source_files
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-files", nargs="*", help="text files or globs (default: stdlib sources)")
+    parser.add_argument("--eval-files", nargs="*", help="held-out text files or globs (default: stdlib sources)")
+    parser.add_argument("--corpus-bytes", type=int, default=2_000_000, help="size of the default training corpus")
+    parser.add_argument("--model", help="a saved LlamaMem model to continue from (default: a new small model)")
+    parser.add_argument("--tokenizer", help="tokenizer name or folder (default: the model's, else ByT5 bytes)")
+    parser.add_argument("--output-dir", default="clm_output")
+    parser.add_argument("--block-size", type=int, default=1024)
+    parser.add_argument("--window", type=int, default=64, help="sliding window of a new model")
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument(
+        "--memory-layers", default="all", help="'all', 'none' (the sliding-window baseline) or indices like 0,2"
+    )
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=4, help="per device")
+    parser.add_argument("--gradient-accumulation", type=int, default=2)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--memory-learning-rate", type=float, default=None, help="default: the learning rate")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--eval-blocks", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def expand(patterns: list[str]) -> list[str]:
+    files = sorted({path for pattern in patterns for path in glob.glob(pattern)})
+    if not files:
+        raise ValueError(f"No files match {patterns}.")
+    return files
+
+
+def memory_layers(spec: str, layers: int) -> list[int] | None:
+    if spec == "all":
+        return None
+    if spec == "none":
+        return []
+    return [int(i) for i in spec.split(",")]
+
+
+def build_model(args, tokenizer) -> LlamaMemForCausalLM:
+    if args.model:
+        return AutoModelForCausalLM.from_pretrained(args.model)
+    config = LlamaMemConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden_size,
+        intermediate_size=2 * args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(args.hidden_size // 32, 1),
+        num_key_value_heads=max(args.hidden_size // 64, 1),
+        sliding_window=args.window,
+        memory_layers=memory_layers(args.memory_layers, args.layers),
+        max_position_embeddings=max(args.block_size, 4096),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return LlamaMemForCausalLM(config)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    set_seed(args.seed)
+    if args.tokenizer or args.model:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    else:
+        tokenizer = ByT5Tokenizer()
+    train_files = expand(args.train_files) if args.train_files else stdlib_source_files("train", args.corpus_bytes)
+    eval_files = expand(args.eval_files) if args.eval_files else stdlib_source_files("eval", args.corpus_bytes // 4)
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation,
+        gradient_checkpointing=args.gradient_checkpointing,
+        learning_rate=args.learning_rate,
+        weight_decay=0.01,
+        warmup_steps=max(args.steps // 20, 1),
+        lr_scheduler_type="cosine",
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        logging_steps=max(args.steps // 20, 1),
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        dataloader_num_workers=0,
+        # On a machine without GPUs, `accelerate launch --multi_gpu --num_processes N` starts N CPU processes
+        # (through torchrun); use_cpu makes them join over gloo.
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    with training_args.main_process_first(desc="tokenizing"):
+        train_blocks = lm_blocks(train_files, tokenizer, args.block_size)
+        eval_blocks = lm_blocks(eval_files, tokenizer, args.block_size)
+    eval_blocks = eval_blocks.select(range(min(args.eval_blocks, len(eval_blocks))))
+    model = build_model(args, tokenizer)
+    optimizer = create_optimizer(model, training_args, args.memory_learning_rate or args.learning_rate)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_blocks,
+        eval_dataset=eval_blocks,
+        optimizers=(optimizer, None),
+    )
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    results = {
+        "world_size": training_args.world_size,
+        "train_blocks": len(train_blocks),
+        "block_size": args.block_size,
+        "window": model.config.sliding_window,
+        "memory_layers": model.config.memory_layers,
+        "steps": args.steps,
+        "eval_loss_before": before,
+        "eval_loss_after": after,
+    }
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "train_results.json"), "w") as handle:
+            json.dump(results, handle, indent=2)
+        print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The examples, run for real: in-process when they take seconds, as subprocesses (slow suite) when they train."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .helpers import tiny_model
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_example(script: str, *args: str, cwd, launcher: tuple[str, ...] = (sys.executable,)) -> str:
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent), "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [*launcher, str(EXAMPLES / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def test_chat_reaches_the_first_turn_through_the_memory_and_resumes_from_disk(tmp_path, capsys):
+    chat = load_example("chat_with_memory")
+    memory = str(tmp_path / "chat.safetensors")
+    report = chat.main(["--memory", memory, "--max-new-tokens", "8"])
+    assert report["tokens"] > 4 * report["window"]
+    assert report["cached_vs_one_forward"] < 1e-4
+    assert report["effect_of_first_turn"] > 1e-3
+    seen = int(capsys.readouterr().out.split("the memory has read ")[-1].split()[0])
+    chat.main(["--memory", memory, "--turn", "Still there?", "--max-new-tokens", "8"])
+    assert f"resumed a conversation of {seen} tokens" in capsys.readouterr().out
+
+
+def test_without_memory_the_first_turn_is_out_of_reach(tmp_path):
+    from hf_llama_mem import save_memory
+
+    chat = load_example("chat_with_memory")
+    model = tiny_model(memory_layers=[])
+    conversation = [torch.randint(1, 256, (1, 20)) for _ in range(4)]
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.cat(conversation, 1), cache=cache, use_cache=True)
+    save_memory(cache, tmp_path / "m.safetensors", model)
+    report = chat.reach_of_first_turn(model, conversation, tmp_path / "m.safetensors", torch.tensor([[5, 6]]))
+    assert report["effect_of_first_turn"] == 0.0 and report["cached_vs_one_forward"] < 1e-4
+
+
+@pytest.mark.slow
+def test_train_clm_reduces_the_loss_on_real_text(tmp_path):
+    run_example(
+        "train_clm.py",
+        *("--output-dir", "out", "--steps", "40", "--block-size", "512", "--corpus-bytes", "400000"),
+        *("--gradient-checkpointing", "--eval-blocks", "8"),
+        cwd=tmp_path,
+    )
+    results = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    assert results["eval_loss_after"] < 0.8 * results["eval_loss_before"], results
+    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "README.md").exists()
+
+
+@pytest.mark.slow
+def test_train_clm_under_accelerate_launch_runs_two_processes(tmp_path):
+    run_example(
+        "train_clm.py",
+        *("--output-dir", "out", "--steps", "4", "--block-size", "256", "--corpus-bytes", "100000"),
+        *("--batch-size", "2", "--gradient-accumulation", "1", "--eval-blocks", "4"),
+        cwd=tmp_path,
+        launcher=(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"),
+    )
+    results = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    assert results["world_size"] == 2, results
+
+
+@pytest.mark.slow
+def test_lora_finetune_reduces_the_loss_with_few_trainable_parameters(tmp_path):
+    run_example("lora_finetune.py", "--output-dir", "out", "--steps", "30", cwd=tmp_path)
+    results = json.loads((tmp_path / "out" / "lora_results.json").read_text())
+    assert results["trainable_fraction"] < 0.2
+    assert results["eval_loss_after"] < results["eval_loss_before"], results
+
+
+@pytest.mark.slow
+def test_convert_and_finetune_opens_the_gates_and_reduces_the_loss(tmp_path):
+    run_example("convert_and_finetune.py", "--output-dir", "out", "--steps", "30", cwd=tmp_path)
+    results = json.loads((tmp_path / "out" / "convert_finetune_results.json").read_text())
+    assert results["conversion_check"]["max_abs_logit_diff"] == 0.0
+    assert results["eval_loss_after"] < results["eval_loss_before"], results
+    assert all(gate > 0 for gate in results["memory_gates_after"])
