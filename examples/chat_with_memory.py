@@ -90,8 +90,10 @@ def main(argv=None) -> dict:
         )
         conversation += [turn, reply]
         print(f"User: {text}\nAssistant: {tokenizer.decode(reply[0], skip_special_tokens=True)!r}")
-        print(f"  (the memory has read {cache.get_seq_length()} tokens; the window holds the last "
-              f"{model.config.sliding_window})")
+        print(
+            f"  (the memory has read {cache.get_seq_length()} tokens; the window holds the last "
+            f"{model.config.sliding_window})"
+        )
     save_memory(cache, args.memory, model)
     print(f"memory saved to {args.memory}: run again to continue this conversation")
     report = {}

@@ -6,7 +6,6 @@ import os
 import sys
 
 
-
 def convert(args: argparse.Namespace) -> None:
     from .convert_llama import load_source, verify_conversion
     from .model_card import write_model_card

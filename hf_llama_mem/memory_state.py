@@ -9,9 +9,9 @@ import hashlib
 import json
 import os
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from .modeling_llama_mem import CACHE_FIELD

@@ -37,9 +37,10 @@ def environment_without_package(root) -> str:
     target = Path(sysconfig.get_path("purelib", vars={"base": str(root), "platbase": str(root)}))
     for source_dir in {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}:
         for entry in Path(source_dir).iterdir():
-            if not entry.name.startswith(("hf_llama_mem", "__editable__", "_hf_llama_mem")) and not (
-                target / entry.name
-            ).exists():
+            if (
+                not entry.name.startswith(("hf_llama_mem", "__editable__", "_hf_llama_mem"))
+                and not (target / entry.name).exists()
+            ):
                 (target / entry.name).symlink_to(entry)
     return str(Path(root) / "bin" / "python")
 
