@@ -58,6 +58,22 @@ def generate(args: argparse.Namespace) -> None:
         save_memory(cache, args.save_memory, model)
 
 
+def evaluate(args: argparse.Namespace) -> None:
+    from .evals.run import format_results, run_eval
+
+    results = run_eval(args.task, args.model, args)
+    print(format_results(results))
+    print(f"results: {args.output_dir}/{args.task}.json, plot: {args.output_dir}/{args.task}.png")
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
 def demo(args: argparse.Namespace) -> None:
     from transformers.utils import logging
 
@@ -81,6 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="log the memory probe (gates, read norms) while training")
     p.set_defaults(run=demo)
+
+    p = commands.add_parser("eval", help="long-context evaluation: passkey, recall or perplexity by position")
+    p.add_argument("task", choices=["passkey", "recall", "perplexity"])
+    p.add_argument("--model", required=True, help="model folder (any causal LM for perplexity and passkey)")
+    p.add_argument("--output-dir", default="eval_output")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-record", dest="record", action="store_false", help="leave the model card alone")
+    p.add_argument("--lengths", type=int_list, default=[256, 1024, 4096], help="passkey context lengths")
+    p.add_argument("--depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="passkey depths")
+    p.add_argument("--samples", type=int, default=8, help="passkey samples per length and depth")
+    p.add_argument(
+        "--format", choices=["text", "recall-tokens"], default="text", help="passkey as text, or in recall ids"
+    )
+    p.add_argument("--gaps", type=int_list, default=[64, 128, 256, 512, 1024], help="recall distances")
+    p.add_argument("--sequences", type=int, default=256, help="recall sequences per distance")
+    p.add_argument("--files", nargs="*", help="perplexity documents (default: held-out stdlib sources)")
+    p.add_argument("--max-tokens", type=int, default=8192, help="perplexity: tokens read per document")
+    p.add_argument("--segment", type=int, default=1024, help="perplexity: tokens per forward through the cache")
+    p.add_argument("--window", type=int, default=1024, help="perplexity buckets for models without a window")
+    p.set_defaults(run=evaluate)
 
     p = commands.add_parser("convert", help="convert a Llama/Mistral checkpoint into LlamaMem and verify it")
     p.add_argument("src", help="source model: local folder or hub id")

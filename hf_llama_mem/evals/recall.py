@@ -9,6 +9,7 @@ where p is a random order. The answers are the values after the repeated keys; e
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .common import answer_accuracy, seeded_generator
 
@@ -64,3 +65,13 @@ class AssociativeRecall:
         model.train(was_training)
         gap = self.gap if gap is None else gap
         return {"accuracy": torch.cat(correct).float().mean().item(), "gap": gap, "chance": self.chance}
+
+    def evaluate_by_distance(
+        self, model, gaps: list[int], num_sequences: int = 256, seed: int = 1234, progress: bool = True
+    ) -> dict:
+        """Recall accuracy at each gap between the pairs and their queries."""
+        by_distance = {
+            str(gap): self.evaluate(model, num_sequences, gap=gap, seed=seed)["accuracy"]
+            for gap in tqdm(gaps, desc="recall", disable=not progress)
+        }
+        return {"task": "recall", "by_distance": by_distance, "chance": self.chance}

@@ -1,0 +1,113 @@
+"""Passkey retrieval: a number hidden at a chosen depth in filler, asked for at the end.
+
+A sample of length L with depth d is: filler, the needle (which states the passkey) at d of the way through, more
+filler, then the question, whose answer tokens are scored. A sample counts as correct when every answer token is the
+greedy prediction. Accuracy is reported per (length, depth), per length and per depth.
+
+Two formats share the task:
+- `TextFormat(tokenizer)`: English sentences in any tokenizer ("The pass key is 71432. Remember it. ...").
+- `RecallTokenFormat(task)`: the token vocabulary of the associative-recall task (hf_llama_mem.evals.recall), for
+  models such as the demo's, which read ids rather than text: the needle is `digits` key-value pairs, the question
+  the same keys, the answer their values.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .common import exact_match, seeded_generator
+from .recall import AssociativeRecall
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+@dataclass
+class TextFormat:
+    tokenizer: object
+    digits: int = 5
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def sample(self, generator: torch.Generator) -> tuple[list[int], list[int], list[int]]:
+        """(needle, query, query labels) for a fresh random passkey; labels are -100 except on the answer."""
+        key = "".join(str(d) for d in torch.randint(0, 10, (self.digits,), generator=generator).tolist())
+        needle = self.encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
+        question, answer = self.encode("What is the pass key? The pass key is"), self.encode(f" {key}")
+        return needle, question + answer, [-100] * len(question) + answer
+
+    def filler(self, length: int, generator: torch.Generator) -> list[int]:
+        unit = self.encode(FILLER)
+        return (unit * (length // len(unit) + 1))[:length]
+
+
+@dataclass
+class RecallTokenFormat:
+    task: AssociativeRecall = field(default_factory=AssociativeRecall)
+    digits: int = 5
+
+    def sample(self, generator: torch.Generator) -> tuple[list[int], list[int], list[int]]:
+        """(needle, query, query labels): the needle is `digits` key-value pairs; the query repeats them, as the
+        recall task asks, and only the values are scored."""
+        keys = torch.randperm(self.task.num_keys, generator=generator)[: self.digits]
+        values = torch.randint(0, self.task.num_values, (self.digits,), generator=generator) + self.task.num_keys
+        needle = torch.stack([keys, values], 1).flatten().tolist()
+        return needle, needle, [-100 if i % 2 == 0 else token for i, token in enumerate(needle)]
+
+    def filler(self, length: int, generator: torch.Generator) -> list[int]:
+        first_filler = self.task.num_keys + self.task.num_values
+        return (torch.randint(0, self.task.num_filler, (length,), generator=generator) + first_filler).tolist()
+
+
+@dataclass
+class PasskeyRetrieval:
+    lengths: tuple[int, ...] = (256, 1024, 4096)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    samples: int = 8
+
+    def build(self, fmt, length: int, depth: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """One sample of exactly `length` tokens: input_ids and labels [1, length]."""
+        needle, query, query_labels = fmt.sample(generator)
+        filler_length = length - len(needle) - len(query)
+        if filler_length < 0:
+            raise ValueError(f"length {length} is shorter than the passkey itself ({length - filler_length} tokens).")
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth must be in [0, 1], got {depth}.")
+        filler = fmt.filler(filler_length, generator)
+        split = round(depth * filler_length)
+        ids = filler[:split] + needle + filler[split:] + query
+        labels = [-100] * (length - len(query)) + query_labels
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
+
+    @torch.no_grad()
+    def evaluate(self, model, fmt, seed: int = 0, progress: bool = True) -> dict:
+        generator = seeded_generator(seed)
+        was_training = model.training
+        model.eval()
+        grid = {}
+        cells = [(length, depth) for length in self.lengths for depth in self.depths]
+        for length, depth in tqdm(cells, desc="passkey", disable=not progress):
+            correct = 0
+            for _ in range(self.samples):
+                sample = self.build(fmt, length, depth, generator)
+                # Only the query's logits are needed: the prediction of its first token onwards.
+                keep = int(sample["labels"].ne(-100).nonzero()[0, 1].item())
+                ids = sample["input_ids"].to(model.device)
+                logits = model(input_ids=ids, logits_to_keep=length - keep + 1).logits.cpu()
+                correct += int(exact_match(logits, sample["labels"][:, keep - 1 :]).item())
+            grid[(length, depth)] = correct / self.samples
+        model.train(was_training)
+        return summarize(grid, self.lengths, self.depths)
+
+
+def summarize(grid: dict[tuple[int, float], float], lengths, depths) -> dict:
+    return {
+        "task": "passkey",
+        "accuracy": sum(grid.values()) / len(grid),
+        "by_length": {str(length): sum(grid[(length, d)] for d in depths) / len(depths) for length in lengths},
+        "by_depth": {str(depth): sum(grid[(n, depth)] for n in lengths) / len(lengths) for depth in depths},
+        "grid": [[grid[(length, depth)] for depth in depths] for length in lengths],
+        "lengths": list(lengths),
+        "depths": list(depths),
+    }
