@@ -154,6 +154,16 @@ class LlamaMemMemory(nn.Module):
         self.read_norm = LlamaRMSNorm(config.head_dim, eps=config.rms_norm_eps)
         self.gate = nn.Parameter(torch.ones(config.num_attention_heads))
 
+    def forward(self, step: str, *args) -> torch.Tensor:
+        """`step` "write" runs `entries(*args)`, "read" runs `read(*args)`. Both go through forward because module
+        hooks only see forward calls: accelerate's offloading moves this module's own parameters (gate, decay) onto
+        the execution device in a hook, and would otherwise leave them on disk."""
+        if step == "write":
+            return self.entries(*args)
+        if step == "read":
+            return self.read(*args)
+        raise ValueError(f"step must be 'write' or 'read', got {step!r}.")
+
     def entries(self, hidden_states, key, value, token_valid, layer_cache) -> torch.Tensor:
         """What this call's tokens will write: [value | memory key | g | beta], [B, Hkv, T, 2D + 2] in the model dtype.
 
@@ -260,7 +270,7 @@ class LlamaMemAttention(nn.Module):
 
         stored = value
         if self.memory is not None:
-            stored = self.memory.entries(hidden_states, key, value, view.token_valid, memory_cache)
+            stored = self.memory("write", hidden_states, key, value, view.token_valid, memory_cache)
         cos, sin = position_embeddings
         rotated_query, rotated_key = apply_rotary_pos_emb(query, key, cos, sin)
         if layer_cache is not None:
@@ -279,7 +289,7 @@ class LlamaMemAttention(nn.Module):
             scaling=self.scaling,
         )
         if self.memory is not None:
-            read = self.memory.read(query, stored, view.cached, memory_cache)
+            read = self.memory("read", query, stored, view.cached, memory_cache)
             output = output + read.to(output.dtype)
         return self.o_proj(output.reshape(batch, length, -1))
 
