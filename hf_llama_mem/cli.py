@@ -74,6 +74,20 @@ def float_list(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
+def bench(args: argparse.Namespace) -> None:
+    from .bench import FULL, QUICK, run_benchmark, write_results
+
+    lines = []
+
+    def report(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
+    results = run_benchmark(QUICK if args.quick else FULL, report)
+    write_results(results, args.json, lines)
+    print(f"results: {args.json} and {os.path.splitext(args.json)[0]}.md")
+
+
 def demo(args: argparse.Namespace) -> None:
     from transformers.utils import logging
 
@@ -117,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=int, default=1024, help="perplexity: tokens per forward through the cache")
     p.add_argument("--window", type=int, default=1024, help="perplexity buckets for models without a window")
     p.set_defaults(run=evaluate)
+
+    p = commands.add_parser("bench", help="speed, cache and memory vs transformers' LlamaForCausalLM (CPU, fp32)")
+    p.add_argument("--quick", action="store_true", help="smaller model and lengths (minutes, not tens of minutes)")
+    p.add_argument("--json", default="bench_vs_llama.json", help="results file (a .md table is written beside it)")
+    p.set_defaults(run=bench)
 
     p = commands.add_parser("convert", help="convert a Llama/Mistral checkpoint into LlamaMem and verify it")
     p.add_argument("src", help="source model: local folder or hub id")

@@ -1,0 +1,186 @@
+"""`hf-llama-mem bench` (also benchmarks/bench_vs_llama.py): LlamaMem vs transformers' LlamaForCausalLM.
+
+Both models have identical dimensions and run in one process, fp32 on the CPU. Reported, each as a ratio
+LlamaMem / Llama: training tokens/s, prefill tokens/s, decode ms/token, cache size and the peak extra memory of each
+prefill; plus LlamaMem's own decode at the longest context over its decode at the shortest, and the training MFU
+against a matmul peak measured on the same machine. Writes JSON and a markdown table.
+"""
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from .configuration_llama_mem import LlamaMemConfig
+from .modeling_llama_mem import CACHE_FIELD, LlamaMemForCausalLM
+
+FULL = dict(
+    train=[2048, 8192],
+    prefill=[16384, 32768],
+    decode=[1024, 16384, 32768],
+    window=1024,
+    dims=dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1408,
+        vocab_size=32000,
+    ),
+)
+QUICK = dict(
+    train=[1024, 4096],
+    prefill=[8192],
+    decode=[512, 8192],
+    window=256,
+    dims=dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=704,
+        vocab_size=32000,
+    ),
+)
+
+
+def build(settings):
+    torch.manual_seed(0)
+    mem = LlamaMemForCausalLM(LlamaMemConfig(**settings["dims"], sliding_window=settings["window"])).eval()
+    llama = LlamaForCausalLM(LlamaConfig(**settings["dims"])).eval()
+    return {"llama_mem": mem, "llama": llama}
+
+
+def train_tokens_per_s(model, length):
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (1, length))
+    model(ids, labels=ids).loss.backward()  # warm-up
+    start = time.perf_counter()
+    model(ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return length / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def prefill(model, length):
+    """Tokens/s of one prefill of `length` tokens, its peak extra resident memory (bytes) and the cache."""
+    cache = DynamicCache(config=model.config)
+    ids = torch.randint(0, model.config.vocab_size, (1, length))
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        model(ids, use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache})
+        elapsed = time.perf_counter() - start
+    return length / elapsed, memory.peak_extra, cache
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every few milliseconds (CPU; Linux /proc)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak_extra = interval, 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def resident() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak_extra = max(self.peak_extra, self.resident() - self.start)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.start = self.resident()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_extra = max(self.peak_extra, self.resident() - self.start)
+
+
+@torch.no_grad()
+def decode_ms(model, cache, steps=16):
+    token = torch.randint(0, model.config.vocab_size, (1, 1))
+    model(token, use_cache=True, **{CACHE_FIELD: cache})
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(token, use_cache=True, **{CACHE_FIELD: cache})
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def cache_bytes(cache):
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            total += tensor.numel() * tensor.element_size() if tensor is not None else 0
+        for states in (getattr(layer, "conv_states", {}), getattr(layer, "recurrent_states", {})):
+            total += sum(t.numel() * t.element_size() for t in states.values() if t is not None)
+    return total
+
+
+def matmul_peak_flops(size=2048, repeats=5):
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def run_benchmark(settings: dict, report: Callable[[str], None] = lambda line: None) -> dict:
+    """Measure everything in `settings` (FULL or QUICK); `report` receives each markdown table line as it comes."""
+    models = build(settings)
+    results = {"settings": settings, "matmul_peak_gflops": matmul_peak_flops() / 1e9, "rows": []}
+
+    def add(metric, values, higher_is_better):
+        ratio = values["llama_mem"] / values["llama"]
+        results["rows"].append({"metric": metric, **values, "ratio": ratio, "higher_is_better": higher_is_better})
+        report(f"| {metric} | {values['llama_mem']:.4g} | {values['llama']:.4g} | {ratio:.2f}x |")
+
+    report("| metric | LlamaMem | Llama | ratio LlamaMem / Llama |")
+    report("|---|---|---|---|")
+    for length in settings["train"]:
+        add(f"train tokens/s @ {length}", {n: train_tokens_per_s(m, length) for n, m in models.items()}, True)
+    own_decode = {}
+    for length in sorted(set(settings["prefill"]) | set(settings["decode"])):
+        rates, decode, sizes, peaks = {}, {}, {}, {}
+        for name, model in models.items():
+            rates[name], peaks[name], cache = prefill(model, length)
+            decode[name] = decode_ms(model, cache)
+            sizes[name] = cache_bytes(cache)
+            del cache
+        if length in settings["prefill"]:
+            add(f"prefill tokens/s @ {length}", rates, True)
+            add(f"prefill peak extra memory MB @ {length}", {n: b / 2**20 for n, b in peaks.items()}, False)
+        if length in settings["decode"]:
+            add(f"decode ms/token @ {length}", decode, False)
+            own_decode[length] = decode["llama_mem"]
+        add(f"cache MB @ {length}", {n: b / 2**20 for n, b in sizes.items()}, False)
+    shortest, longest = min(own_decode), max(own_decode)
+    results["own_decode_ratio"] = own_decode[longest] / own_decode[shortest]
+    report(f"| LlamaMem decode @ {longest} / @ {shortest} | {results['own_decode_ratio']:.2f}x | | |")
+    params = sum(p.numel() for p in models["llama_mem"].parameters())
+    train_rate = results["rows"][0]["llama_mem"]
+    results["train_mfu"] = 6 * params * train_rate / (results["matmul_peak_gflops"] * 1e9)
+    report(
+        f"| LlamaMem training MFU @ {settings['train'][0]} (6 N tokens/s over a measured "
+        f"{results['matmul_peak_gflops']:.0f} GFLOP/s matmul peak) | {results['train_mfu']:.1%} | | |"
+    )
+    return results
+
+
+def write_results(results: dict, json_path: str, table_lines: list[str]) -> None:
+    with open(json_path, "w") as handle:
+        json.dump(results, handle, indent=2)
+    with open(os.path.splitext(json_path)[0] + ".md", "w") as handle:
+        handle.write("\n".join(table_lines) + "\n")

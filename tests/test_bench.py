@@ -1,0 +1,40 @@
+"""The benchmark's plumbing on a toy size (its figures come from real runs, not from tests)."""
+
+import json
+
+import torch
+
+from hf_llama_mem.bench import PeakMemory, run_benchmark, write_results
+
+from .helpers import TINY_DIMS
+
+
+def test_peak_memory_sees_a_temporary_allocation():
+    with PeakMemory() as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        del block
+    assert memory.peak_extra > 32 * 2**20
+
+
+def test_benchmark_reports_every_measure_with_ratios(tmp_path):
+    settings = dict(train=[64], prefill=[128], decode=[64, 128], window=16, dims=TINY_DIMS)
+    lines = []
+    results = run_benchmark(settings, lines.append)
+    metrics = [row["metric"] for row in results["rows"]]
+    assert metrics == [
+        "train tokens/s @ 64",
+        "decode ms/token @ 64",
+        "cache MB @ 64",
+        "prefill tokens/s @ 128",
+        "prefill peak extra memory MB @ 128",
+        "decode ms/token @ 128",
+        "cache MB @ 128",
+    ]
+    for row in results["rows"]:
+        assert row["ratio"] == row["llama_mem"] / row["llama"]
+    cache_128 = next(r for r in results["rows"] if r["metric"] == "cache MB @ 128")
+    assert cache_128["llama_mem"] < cache_128["llama"]  # a 16-token window plus memory vs 128 tokens of keys/values
+    assert results["own_decode_ratio"] > 0 and results["train_mfu"] > 0
+    write_results(results, str(tmp_path / "bench.json"), lines)
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == results["rows"]
+    assert (tmp_path / "bench.md").read_text().splitlines() == lines
