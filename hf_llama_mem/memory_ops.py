@@ -60,12 +60,12 @@ def recurrent_gated_delta_rule(
     q, k, v, g, beta = _to_heads_first(q, k, v, g, beta, scale)
     state = _initial_state(initial_state, k, v)
     outputs = []
-    for t in range(length):
+    for t in range(length):  # matmul rather than einsum: this loop is also the decode step, where overhead counts
+        key = k[:, :, t, None, :]  # [B, H, 1, K]
         state = state * g[:, :, t, None, None].exp()
-        prediction = torch.einsum("bhkv,bhk->bhv", state, k[:, :, t])
-        correction = beta[:, :, t, None] * (v[:, :, t] - prediction)
-        state = state + k[:, :, t, :, None] * correction[:, :, None, :]
-        outputs.append(torch.einsum("bhkv,bhgk->bhgv", state, q[:, :, :, t]))
+        correction = beta[:, :, t, None, None] * (v[:, :, t, None, :] - key @ state)  # [B, H, 1, V]
+        state = state + key.transpose(-1, -2) @ correction
+        outputs.append(q[:, :, :, t] @ state)  # [B, H, G, V]
     out = torch.stack(outputs, dim=3) if outputs else q.new_zeros(*q.shape[:-1], v.shape[-1])
     # [B, H, G, T, V] -> [B, T, HQ, V]
     out = out.permute(0, 3, 1, 2, 4).reshape(batch, length, num_q_heads, -1)

@@ -44,6 +44,8 @@ CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
 # Queries per block of the windowed attention: a block attends at most QUERY_BLOCK + W - 1 keys, which keeps long
 # prefills O(T * W) instead of O(T^2) while keeping the Python loop short for small windows.
 QUERY_BLOCK = 512
+# Up to this many new tokens, the key convolution is computed as a weighted sum of its taps (cheaper per call).
+SHORT_CONV_LENGTH = 4
 
 
 @dataclass
@@ -178,7 +180,12 @@ class LlamaMemMemory(nn.Module):
         previous = (
             layer_cache.conv_states[0] if has_previous else conv_input.new_zeros(batch, conv_input.shape[1], taps)
         )
-        memory_key = self.key_conv(torch.cat([previous, conv_input], dim=-1))
+        padded = torch.cat([previous, conv_input], dim=-1)
+        if length <= SHORT_CONV_LENGTH:  # decode: a weighted sum of the taps beats a convolution call
+            windows = padded.unfold(-1, taps + 1, 1)  # [B, C, T, taps + 1]
+            memory_key = (windows * self.key_conv.weight[:, 0, None, :]).sum(-1)
+        else:
+            memory_key = self.key_conv(padded)
         if layer_cache is not None and taps > 0:
             # after the convolution: the cache overwrites its conv state in place
             layer_cache.update_conv_state(conv_input, conv_kernel_size=taps)
