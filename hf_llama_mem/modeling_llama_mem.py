@@ -91,8 +91,11 @@ def windowed_attention(
         q_end = min(q_start + QUERY_BLOCK, length)
         k_start = max(0, view.cached + q_start - view.window + 1)
         k_end = view.cached + q_end
-        mask = window_mask(view, q_start, q_end, k_start, k_end, query.device)
-        if eager:
+        if view.key_valid is None and q_end - q_start == 1:
+            mask = None  # one query, no padding (a decode step): every key in [k_start, k_end) is visible
+        else:
+            mask = window_mask(view, q_start, q_end, k_start, k_end, query.device)
+        if eager and mask is not None:
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                 ~mask, torch.finfo(query.dtype).min
             )
