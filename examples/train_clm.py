@@ -42,7 +42,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="per device")
     parser.add_argument("--gradient-accumulation", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--memory-learning-rate", type=float, default=None, help="default: the learning rate")
+    parser.add_argument(
+        "--memory-learning-rate", type=float, default=None, help="default: 10x the learning rate (see below)"
+    )
+    parser.add_argument(
+        "--memory-gate-init",
+        type=float,
+        default=0.0,
+        help="gate on the memory read of a new model; 0 with a 10x memory learning rate trained best on text",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -76,6 +84,7 @@ def build_model(args, tokenizer) -> LlamaMemForCausalLM:
         num_key_value_heads=max(args.hidden_size // 64, 1),
         sliding_window=args.window,
         memory_layers=memory_layers(args.memory_layers, args.layers),
+        memory_gate_init=args.memory_gate_init,
         max_position_embeddings=max(args.block_size, 4096),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -120,7 +129,11 @@ def main(argv=None) -> dict:
         eval_blocks = lm_blocks(eval_files, tokenizer, args.block_size)
     eval_blocks = eval_blocks.select(range(min(args.eval_blocks, len(eval_blocks))))
     model = build_model(args, tokenizer)
-    optimizer = create_optimizer(model, training_args, args.memory_learning_rate or args.learning_rate)
+    # On stdlib text (150 steps, held-out loss; the sliding-window baseline: 2.573), a new model's memory trained
+    # best from a closed gate with a 10x learning rate on the memory parameters (2.491); an open gate (1.0) did
+    # worse than the baseline with 1x (2.630) or 10x (2.637), and a gate of 0.1 with 1x gave 2.617.
+    memory_learning_rate = args.memory_learning_rate or 10 * args.learning_rate
+    optimizer = create_optimizer(model, training_args, memory_learning_rate)
     trainer = Trainer(
         model=model,
         args=training_args,

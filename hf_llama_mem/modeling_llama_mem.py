@@ -348,9 +348,10 @@ class LlamaMemPreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
         if isinstance(module, LlamaMemMemory):
-            # A fresh model starts with the gate open: a closed gate learns far more slowly (DESIGN.md, section 1).
-            # Conversion from Llama closes it instead (`from_llama`), which keeps the retrofit exact.
-            init.ones_(module.gate)
+            # A fresh model starts with the gate at config.memory_gate_init (1.0, open: on associative recall a closed
+            # gate learns far more slowly, DESIGN.md section 1). Conversion from Llama closes it (`from_llama`),
+            # which keeps the retrofit exact.
+            init.constant_(module.gate, self.config.memory_gate_init)
             if module.gated:
                 # Per-token decay exp(-softplus(bias)) starts between 0.90 and 0.999, as in Mamba and GDN.
                 step = torch.empty_like(module.decay_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp()

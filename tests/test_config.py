@@ -48,3 +48,12 @@ def test_bad_values_raise_value_error_naming_them(overrides, message):
     with pytest.raises(ValueError) as error:
         tiny_config(**overrides)
     assert message in str(error.value)
+
+
+def test_memory_gate_init_sets_fresh_gates_and_refuses_non_finite():
+    from hf_llama_mem import LlamaMemForCausalLM
+
+    model = LlamaMemForCausalLM(tiny_config(memory_gate_init=0))
+    assert all(layer.self_attn.memory.gate.eq(0).all() for layer in model.model.layers)
+    with pytest.raises(ValueError, match="memory_gate_init must be a finite number, got nan"):
+        tiny_config(memory_gate_init=float("nan"))
