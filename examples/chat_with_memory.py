@@ -17,9 +17,10 @@ import argparse
 import os
 
 import torch
+from small_models import small_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
 
-from hf_llama_mem import LlamaMemConfig, LlamaMemForCausalLM, generate_with_memory, load_memory, save_memory
+from hf_llama_mem import LlamaMemForCausalLM, generate_with_memory, load_memory, save_memory
 
 SCRIPTED_TURNS = [
     "My name is Ada and my locker code is 4-7-1-9.",
@@ -44,19 +45,7 @@ def load(args) -> tuple[LlamaMemForCausalLM, object]:
         return AutoModelForCausalLM.from_pretrained(args.model).eval(), AutoTokenizer.from_pretrained(args.model)
     tokenizer = ByT5Tokenizer()
     torch.manual_seed(0)
-    config = LlamaMemConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=32,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    return LlamaMemForCausalLM(config).eval(), tokenizer
+    return LlamaMemForCausalLM(small_config(tokenizer, sliding_window=32)).eval(), tokenizer
 
 
 @torch.no_grad()

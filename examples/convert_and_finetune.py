@@ -14,6 +14,7 @@ import json
 import os
 
 from lora_finetune import finetune_with_lora
+from small_models import small_config
 from transformers import AutoTokenizer, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.trainer_utils import set_seed
 
@@ -40,18 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def small_random_llama(folder: str) -> str:
     """Save a small random LlamaForCausalLM (ByT5 byte vocabulary) to `folder`, standing in for a checkpoint."""
     tokenizer = ByT5Tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    LlamaForCausalLM(small_config(tokenizer, LlamaConfig)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

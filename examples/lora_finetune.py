@@ -14,10 +14,11 @@ import os
 
 import torch
 from peft import LoraConfig, get_peft_model
+from small_models import small_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, Trainer, TrainingArguments
 from transformers.trainer_utils import set_seed
 
-from hf_llama_mem import LlamaMemConfig, LlamaMemForCausalLM, create_optimizer
+from hf_llama_mem import LlamaMemForCausalLM, create_optimizer
 from hf_llama_mem.corpus import lm_blocks, stdlib_source_files
 
 
@@ -38,19 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def small_model(tokenizer, window: int = 64) -> LlamaMemForCausalLM:
-    config = LlamaMemConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=window,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    return LlamaMemForCausalLM(config)
+    return LlamaMemForCausalLM(small_config(tokenizer, sliding_window=window))
 
 
 def finetune_with_lora(model, tokenizer, args: argparse.Namespace) -> dict:

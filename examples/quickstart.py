@@ -4,26 +4,16 @@ its attention window with the memory carried by the cache. Runs on a CPU in seco
 import tempfile
 
 import torch
+from small_models import small_config
 from transformers import AutoModelForCausalLM, ByT5Tokenizer
 
 import hf_llama_mem  # noqa: F401  (registers model_type "llama_mem" with the Auto classes)
-from hf_llama_mem import LlamaMemConfig
 
 
 def main() -> None:
     torch.manual_seed(0)
     tokenizer = ByT5Tokenizer()
-    config = LlamaMemConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=32,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = small_config(tokenizer, sliding_window=32)
     with tempfile.TemporaryDirectory() as folder:
         AutoModelForCausalLM.from_config(config).save_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder).eval()

@@ -15,7 +15,8 @@ from .helpers import tiny_model
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def load_example(name: str):
+def load_example(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # examples import their sibling small_models.py, as scripts do
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -31,8 +32,8 @@ def run_example(script: str, *args: str, cwd, launcher: tuple[str, ...] = (sys.e
     return result.stdout
 
 
-def test_chat_reaches_the_first_turn_through_the_memory_and_resumes_from_disk(tmp_path, capsys):
-    chat = load_example("chat_with_memory")
+def test_chat_reaches_the_first_turn_through_the_memory_and_resumes_from_disk(tmp_path, capsys, monkeypatch):
+    chat = load_example("chat_with_memory", monkeypatch)
     memory = str(tmp_path / "chat.safetensors")
     report = chat.main(["--memory", memory, "--max-new-tokens", "8"])
     assert report["tokens"] > 4 * report["window"]
@@ -43,10 +44,10 @@ def test_chat_reaches_the_first_turn_through_the_memory_and_resumes_from_disk(tm
     assert f"resumed a conversation of {seen} tokens" in capsys.readouterr().out
 
 
-def test_without_memory_the_first_turn_is_out_of_reach(tmp_path):
+def test_without_memory_the_first_turn_is_out_of_reach(tmp_path, monkeypatch):
     from hf_llama_mem import save_memory
 
-    chat = load_example("chat_with_memory")
+    chat = load_example("chat_with_memory", monkeypatch)
     model = tiny_model(memory_layers=[])
     conversation = [torch.randint(1, 256, (1, 20)) for _ in range(4)]
     from transformers import DynamicCache
@@ -57,6 +58,11 @@ def test_without_memory_the_first_turn_is_out_of_reach(tmp_path):
     save_memory(cache, tmp_path / "m.safetensors", model)
     report = chat.reach_of_first_turn(model, conversation, tmp_path / "m.safetensors", torch.tensor([[5, 6]]))
     assert report["effect_of_first_turn"] == 0.0 and report["cached_vs_one_forward"] < 1e-4
+
+
+def test_quickstart_generates_past_the_window(monkeypatch, capsys):
+    load_example("quickstart", monkeypatch).main()
+    assert "window 32" in capsys.readouterr().out
 
 
 @pytest.mark.slow
