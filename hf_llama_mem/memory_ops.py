@@ -116,15 +116,28 @@ def chunk_gated_delta_rule(
 
     scores = (q @ k.transpose(-1, -2)[:, :, :, None]) * pair_decay[:, :, :, None]  # [B, H, N, G, C, C]
     q_decayed = q * log_decay.exp()[:, :, :, None, :, None]
+    # The query group folds into the rows, so the loop below is plain batched matmuls with no broadcasting.
+    num_groups = q.shape[3]
+    scores, q_decayed = scores.flatten(3, 4), q_decayed.flatten(3, 4)  # [B, H, N, G * C, C] and [..., K]
     chunk_decay = log_decay[..., -1:]  # [B, H, N, 1]
     k_to_end = k * (chunk_decay - log_decay).exp()[..., None]
 
+    # Chunks are taken with unbind, not indexing: the backward of x[:, :, n] builds a zero tensor the size of all of x
+    # for every chunk (quadratic in the number of chunks); unbind's backward stacks the gradients once.
+    per_chunk = zip(
+        values_part.unbind(2),
+        keys_part.unbind(2),
+        q_decayed.unbind(2),
+        scores.unbind(2),
+        chunk_decay.exp().unbind(2),
+        k_to_end.transpose(-1, -2).unbind(2),
+        strict=True,
+    )
     outputs = []
-    for n in range(num_chunks):
-        new_values = values_part[:, :, n] - keys_part[:, :, n] @ state  # [B, H, C, V]
-        read_old = q_decayed[:, :, n] @ state[:, :, None]  # [B, H, G, C, V]
-        outputs.append(read_old + scores[:, :, n] @ new_values[:, :, None])
-        state = state * chunk_decay[:, :, n, :, None].exp() + k_to_end[:, :, n].transpose(-1, -2) @ new_values
-    out = torch.stack(outputs, dim=3)  # [B, H, G, N, C, V]
+    for values_n, keys_n, q_n, scores_n, decay_n, k_to_end_n in per_chunk:
+        new_values = values_n - keys_n @ state  # [B, H, C, V]
+        outputs.append(q_n @ state + scores_n @ new_values)  # [B, H, G * C, V]
+        state = state * decay_n[..., None] + k_to_end_n @ new_values
+    out = torch.stack(outputs, dim=2).unflatten(3, (num_groups, chunk_size)).transpose(2, 3)  # [B, H, G, N, C, V]
     out = out.flatten(3, 4)[:, :, :, :length].permute(0, 3, 1, 2, 4).reshape(batch, length, num_q_heads, -1)
     return out, (state if output_final_state else None)
