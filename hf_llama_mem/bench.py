@@ -6,6 +6,7 @@ prefill; plus LlamaMem's own decode at the longest context over its decode at th
 against a matmul peak measured on the same machine. Writes JSON and a markdown table.
 """
 
+import ctypes
 import json
 import os
 import threading
@@ -78,6 +79,14 @@ def prefill(model, length):
     return length / elapsed, memory.peak_extra, cache
 
 
+def release_free_memory() -> None:
+    """glibc's malloc_trim(0): return free heap memory to the system (a no-op where glibc is absent)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak resident memory above the level at entry, sampled every few milliseconds (CPU; Linux /proc)."""
 
@@ -96,6 +105,9 @@ class PeakMemory:
             time.sleep(self.interval)
 
     def __enter__(self):
+        # Hand freed heap pages back first: otherwise memory freed by an earlier measurement is reused without
+        # raising the resident size, and the peak reads as zero.
+        release_free_memory()
         self.start = self.resident()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
