@@ -8,6 +8,7 @@ memory settings and, when `eval_results.json` exists next to the weights, the ev
 import json
 import os
 from importlib import resources
+from pathlib import Path
 
 from huggingface_hub import ModelCard
 
@@ -16,7 +17,15 @@ __all__ = ["EVAL_RESULTS_FILE", "record_eval_results", "render_model_card", "wri
 EVAL_RESULTS_FILE = "eval_results.json"
 CARD_MARKER = "<!-- written by hf-llama-mem"
 DEFAULT_TAGS = ("llama_mem", "long-context", "memory", "custom_code")
-TEMPLATE = resources.files("hf_llama_mem.model_cards").joinpath("llama_mem.md")
+
+
+def template_text() -> str:
+    """The card template: installed inside the package as hf_llama_mem.model_cards; in a source checkout used
+    without installing (PYTHONPATH), model_cards/ at the top of the repository."""
+    try:
+        return resources.files("hf_llama_mem.model_cards").joinpath("llama_mem.md").read_text()
+    except ModuleNotFoundError:
+        return (Path(__file__).resolve().parents[1] / "model_cards" / "llama_mem.md").read_text()
 
 
 def evaluation_table(results: dict[str, list[dict]]) -> str:
@@ -34,7 +43,7 @@ def render_model_card(
 ) -> str:
     memory_layers = list(range(config.num_hidden_layers)) if config.memory_layers is None else config.memory_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return TEMPLATE.read_text().format(
+    return template_text().format(
         model_name=model_name,
         extra_metadata="".join(f"- {tag}\n" for tag in tags) + (f"base_model: {base_model}\n" if base_model else ""),
         num_hidden_layers=config.num_hidden_layers,

@@ -11,9 +11,9 @@ from .helpers import TINY_DIMS
 
 def test_peak_memory_sees_a_temporary_allocation():
     with PeakMemory() as memory:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        block = torch.ones(256 * 2**20 // 4)  # 256 MB, touched: more than earlier tests leave free in the heap
         del block
-    assert memory.peak_extra > 32 * 2**20
+    assert memory.peak_extra > 128 * 2**20, memory.peak_extra
 
 
 def test_benchmark_reports_every_measure_with_ratios(tmp_path):
