@@ -34,15 +34,10 @@ def convert(args: argparse.Namespace) -> None:
 
 
 def generate(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
-
+    from .evals.run import load_model_and_tokenizer
     from .memory_state import generate_with_memory, load_memory, save_memory
 
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
-        tokenizer = ByT5Tokenizer()
+    model, tokenizer = load_model_and_tokenizer(args.model)
     cache = load_memory(args.load_memory, model) if args.load_memory else None
     prompt = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=cache is None).input_ids
     new_tokens, cache = generate_with_memory(

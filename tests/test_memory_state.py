@@ -78,3 +78,21 @@ def test_generate_with_memory_over_turns_equals_one_generate_over_the_whole_conv
         assert torch.equal(reply, expected), f"turn {index}"
         history = torch.cat([history, reply], 1)
         assert cache.get_seq_length() == history.shape[1]
+
+
+def test_generate_cli_saves_and_continues_the_memory(tmp_path):
+    from transformers import ByT5Tokenizer
+
+    from hf_llama_mem.cli import main
+
+    tokenizer = ByT5Tokenizer()
+    model = tiny_model(vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    memory = str(tmp_path / "memory.safetensors")
+    common = ["generate", "--model", str(tmp_path / "model"), "--max-new-tokens", "4"]
+    main([*common, "--prompt", "The first session.", "--save-memory", memory])
+    seen = load_memory(memory, model).get_seq_length()
+    assert seen == len(tokenizer("The first session.").input_ids) + 4  # the prompt, then every generated token
+    main([*common, "--prompt", " Again.", "--load-memory", memory, "--save-memory", memory])
+    assert load_memory(memory, model).get_seq_length() == seen + len(" Again.") + 4

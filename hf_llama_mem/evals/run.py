@@ -17,6 +17,7 @@ TASKS = ("passkey", "recall", "perplexity")
 
 
 def load_model_and_tokenizer(path: str):
+    """A saved causal LM (in eval mode) and its tokenizer; the offline ByT5 byte tokenizer when it has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
