@@ -17,9 +17,10 @@ def convert(args: argparse.Namespace) -> None:
     source = load_source(args.src)
     model = LlamaMemForCausalLM.from_llama(source, **{k: v for k, v in overrides.items() if v is not None})
     report = verify_conversion(source, model, num_sequences=args.check_sequences)
-    model.save_pretrained(args.dst)
-    # A hub id names the base model in the card's metadata (a local folder means nothing on the Hub).
-    write_model_card(model.config, args.dst, base_model=None if os.path.isdir(args.src) else args.src)
+    model.save_pretrained(args.dst)  # writes the model card too
+    if not os.path.isdir(args.src):
+        # A hub id names the base model in the card's metadata (a local folder means nothing on the Hub).
+        write_model_card(model.config, args.dst, base_model=args.src)
     summary = {
         "source": args.src,
         "destination": args.dst,
