@@ -2,7 +2,18 @@
 
 `recurrent_gated_delta_rule` is the spec: a plain loop over time in float32. `chunk_gated_delta_rule` computes the
 same thing chunk by chunk (within-chunk triangular solves, between-chunk state passing), which is what training and
-prefill use. The derivation is in docs/memory_math.md.
+prefill use.
+
+The chunked form, for one head and a chunk of C tokens that starts from state S (K x V). With d_i = g_1 + ... + g_i
+(the log decay from the chunk start through token i), the recurrence is S_i = exp(g_i) S_{i-1} + k_i w_i^T, where
+w_i = beta_i (v_i - exp(g_i) S_{i-1}^T k_i) is the delta rule's write. Unrolled,
+    S_i = exp(d_i) S + sum_{j<=i} exp(d_i - d_j) k_j w_j^T,
+so the writes solve a unit lower-triangular system, (I + A) w = beta v - beta exp(d) K S, with
+A_ij = beta_i exp(d_i - d_j) (k_i . k_j) for j < i. One solve per chunk gives U = (I + A)^-1 beta V and
+W = (I + A)^-1 beta exp(d) K, and then w = U - W S for any start state S. The outputs are
+    o_i = exp(d_i) S^T q_i + sum_{j<=i} exp(d_i - d_j) (q_i . k_j) w_j,
+and the end state exp(d_C) S + sum_j exp(d_C - d_j) k_j w_j^T is a linear map of S. Only that map is applied
+sequentially across chunks; everything else is batched over all chunks at once.
 
 Shape legend: B batch, T time, H key/value (memory) heads, HQ query heads (a multiple of H: a group of query heads
 reads the same memory), K key dim, V value dim. Layouts follow flash-linear-attention and transformers:
@@ -85,27 +96,34 @@ def chunk_gated_delta_rule(
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise-parallel gated delta rule: same contract and result as `recurrent_gated_delta_rule`."""
-    batch, length, num_q_heads, _ = q.shape
-    q, k, v, g, beta = _to_heads_first(q, k, v, g, beta, scale)
-    state = _initial_state(initial_state, k, v)
+    batch, length, num_q_heads, key_dim = q.shape
+    num_heads = k.shape[2]
+    if num_q_heads % num_heads != 0:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of key heads ({num_heads})")
+    num_groups = num_q_heads // num_heads
+    scale = key_dim**-0.5 if scale is None else scale
+    dtype = torch.promote_types(q.dtype, torch.float32)  # float32 at least; float64 stays float64 for gradcheck
     # Padding is a run of no-op tokens (beta = 0, g = 0) at the end: it changes neither outputs nor state.
     pad = (-length) % chunk_size
-    q = F.pad(q, (0, 0, 0, pad))
-    k, v = (F.pad(x, (0, 0, 0, pad)) for x in (k, v))
-    g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
     num_chunks = (length + pad) // chunk_size
 
-    # [B, H, N, C, D]; queries [B, H, N, G, C, K]
-    k, v = (x.unflatten(2, (num_chunks, chunk_size)) for x in (k, v))
-    q = q.unflatten(3, (num_chunks, chunk_size)).transpose(2, 3)
-    g, beta = (x.unflatten(2, (num_chunks, chunk_size)) for x in (g, beta))
+    def to_chunks(x):  # [B, T, H, ...] -> [B, H, N, C, ...]
+        x = F.pad(x.to(dtype), (0, 0) * (x.dim() - 2) + (0, pad))
+        return x.unflatten(1, (num_chunks, chunk_size)).movedim(3, 1)
+
+    k, v, g, beta = (to_chunks(x) for x in (k, v, g, beta))
+    # Queries as rows (group, position) of each chunk: [B, H, N, G * C, K], so every product below is a plain
+    # batched matmul (no broadcasting, which would copy its operands).
+    q = to_chunks(q.unflatten(2, (num_heads, num_groups))).movedim(4, 3).flatten(3, 4)
+    q = q.contiguous()
+    state = _initial_state(initial_state, k.flatten(2, 3), v.flatten(2, 3))
 
     log_decay = g.cumsum(-1)  # [B, H, N, C]: log of the decay from the chunk start to (and including) each token
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
     # decay between tokens j <= i of a chunk; masked before exp so the upper triangle cannot overflow
     pair_decay = (log_decay[..., :, None] - log_decay[..., None, :]).masked_fill(~causal, float("-inf")).exp()
 
-    # UT transform: (I + A) U = beta * V - (beta * decay * K) S0, with A strictly lower triangular.
+    # (I + A) [U | W] = [beta V | beta exp(d) K] (module docstring): the writes from a start state S are U - W S.
     k_beta = k * beta[..., None]
     system = torch.eye(chunk_size, dtype=k.dtype, device=q.device) + (k_beta @ k.transpose(-1, -2)) * pair_decay.tril(
         -1
@@ -114,30 +132,28 @@ def chunk_gated_delta_rule(
     solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     values_part, keys_part = solved.split([v.shape[-1], k.shape[-1]], dim=-1)
 
-    scores = (q @ k.transpose(-1, -2)[:, :, :, None]) * pair_decay[:, :, :, None]  # [B, H, N, G, C, C]
-    q_decayed = q * log_decay.exp()[:, :, :, None, :, None]
-    # The query group folds into the rows, so the loop below is plain batched matmuls with no broadcasting.
-    num_groups = q.shape[3]
-    scores, q_decayed = scores.flatten(3, 4), q_decayed.flatten(3, 4)  # [B, H, N, G * C, C] and [..., K]
+    # Between chunks the state follows a linear recurrence S_{n+1} = M_n S_n + P_n with
+    # M_n = decay_n I - K_n'^T W_n and P_n = K_n'^T U_n (K_n' the keys decayed to the chunk end). Everything but that
+    # recurrence is batched over chunks, so the sequential loop is one small fused matmul per chunk.
     chunk_decay = log_decay[..., -1:]  # [B, H, N, 1]
-    k_to_end = k * (chunk_decay - log_decay).exp()[..., None]
-
+    k_to_end_t = (k * (chunk_decay - log_decay).exp()[..., None]).transpose(-1, -2)  # [B, H, N, K, C]
+    eye = torch.eye(key_dim, dtype=k.dtype, device=q.device)
+    transitions = chunk_decay.exp()[..., None] * eye - k_to_end_t @ keys_part  # [B, H, N, K, K]
+    inputs = k_to_end_t @ values_part  # [B, H, N, K, V]
     # Chunks are taken with unbind, not indexing: the backward of x[:, :, n] builds a zero tensor the size of all of x
     # for every chunk (quadratic in the number of chunks); unbind's backward stacks the gradients once.
-    per_chunk = zip(
-        values_part.unbind(2),
-        keys_part.unbind(2),
-        q_decayed.unbind(2),
-        scores.unbind(2),
-        chunk_decay.exp().unbind(2),
-        k_to_end.transpose(-1, -2).unbind(2),
-        strict=True,
-    )
-    outputs = []
-    for values_n, keys_n, q_n, scores_n, decay_n, k_to_end_n in per_chunk:
-        new_values = values_n - keys_n @ state  # [B, H, C, V]
-        outputs.append(q_n @ state + scores_n @ new_values)  # [B, H, G * C, V]
-        state = state * decay_n[..., None] + k_to_end_n @ new_values
-    out = torch.stack(outputs, dim=2).unflatten(3, (num_groups, chunk_size)).transpose(2, 3)  # [B, H, G, N, C, V]
-    out = out.flatten(3, 4)[:, :, :, :length].permute(0, 3, 1, 2, 4).reshape(batch, length, num_q_heads, -1)
-    return out, (state if output_final_state else None)
+    states = []
+    for transition, written in zip(transitions.flatten(0, 1).unbind(1), inputs.flatten(0, 1).unbind(1), strict=True):
+        states.append(state)
+        state = torch.baddbmm(written, transition, state.flatten(0, 1)).view_as(state)
+    starts = torch.stack(states, dim=2)  # [B, H, N, K, V]: the state at the start of each chunk
+
+    # Output rows: the start state read by the decayed query, plus the chunk's own corrected writes.
+    corrections = values_part - keys_part @ starts  # [B, H, N, C, V]
+    scores = (q @ k.transpose(-1, -2)).unflatten(3, (num_groups, chunk_size)) * (pair_decay * scale)[:, :, :, None]
+    row_decay = (log_decay.exp() * scale).repeat(1, 1, 1, num_groups)[..., None]  # [B, H, N, G * C, 1]
+    out = (q @ starts) * row_decay + scores.flatten(3, 4) @ corrections  # [B, H, N, G * C, V]
+    # [B, H, N, G, C, V] -> [B, N, C, H, G, V] -> [B, T, HQ, V]
+    out = out.unflatten(3, (num_groups, chunk_size)).permute(0, 2, 4, 1, 3, 5)
+    out = out.reshape(batch, -1, num_q_heads, v.shape[-1])
+    return out[:, :length], (state if output_final_state else None)

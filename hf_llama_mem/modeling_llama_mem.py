@@ -3,7 +3,7 @@
 Each memory layer's attention has two readers over the same q, k, v: causal softmax attention over the last
 `sliding_window` tokens (RoPE, GQA, through the attention interface the config selects), and a per-kv-head gated
 delta-rule matrix S that holds exactly the tokens that have left the window (see memory_ops.py for the op and
-docs/memory_math.md for the derivation). The cache is a stock transformers `DynamicCache`: layers of type
+its derivation). The cache is a stock transformers `DynamicCache`: layers of type
 "hybrid_sliding" keep the window plus S and the key-convolution state; generate() works unchanged.
 """
 
