@@ -10,7 +10,7 @@ its derivation). The cache is a stock transformers `DynamicCache`: layers of typ
 import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
+    repeat_kv,
 )
 from transformers.utils import logging
 
@@ -42,8 +43,9 @@ logger = logging.get_logger(__name__)
 # `cache`; generate() reads whichever name the installed version uses.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 # Queries per block of the windowed attention: a block attends at most QUERY_BLOCK + W - 1 keys, which keeps long
-# prefills O(T * W) instead of O(T^2) while keeping the Python loop short for small windows.
-QUERY_BLOCK = 512
+# prefills O(T * W) instead of O(T^2). The masked part of each block is computed and thrown away, so smaller blocks
+# waste less; 256 was the fastest on a CPU (fewer calls cost more in per-call overhead).
+QUERY_BLOCK = 256
 # Up to this many new tokens, the key convolution is computed as a weighted sum of its taps (cheaper per call).
 SHORT_CONV_LENGTH = 4
 
@@ -53,24 +55,59 @@ class WindowView:
     """What every layer needs to attend over its window in one forward call (shared by all layers).
 
     cached: tokens already in the cache window before this call. key_valid: [B, cached + T] bool, False at padding,
-    None when every token is real. token_valid: [B, T], the part of key_valid for this call's tokens.
+    None when every token is real. token_valid: [B, T], the part of key_valid for this call's tokens. masks: the
+    additive masks built so far in this call, reused by every layer (and, without padding, by every block of the same
+    shape).
     """
 
     window: int
     cached: int
     key_valid: torch.Tensor | None
     token_valid: torch.Tensor | None
+    masks: dict = field(default_factory=dict)
+
+    def mask(self, q_start: int, q_end: int, k_start: int, k_end: int, dtype, device) -> torch.Tensor:
+        """Additive mask [B or 1, 1, q, k]: causal, within the window, never a padding key (a padded query sees only
+        itself, so its softmax row is never empty; its output is never used)."""
+        # Without padding the mask depends only on where the queries sit relative to the keys.
+        if self.key_valid is None:
+            key = (self.cached + q_start - k_start, q_end - q_start, k_end - k_start, dtype, device)
+        else:
+            key = (q_start, q_end, k_start, k_end, dtype, device)
+        if key not in self.masks:
+            q_pos = torch.arange(q_start, q_end, device=device)[:, None] + self.cached
+            k_pos = torch.arange(k_start, k_end, device=device)[None, :]
+            allowed = (k_pos <= q_pos) & (q_pos - k_pos < self.window)
+            if self.key_valid is None:
+                allowed = allowed[None, None]
+            else:
+                allowed = allowed & (self.key_valid[:, None, None, k_start:k_end] | (k_pos == q_pos))
+            self.masks[key] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        return self.masks[key]
 
 
-def window_mask(view: WindowView, q_start: int, q_end: int, k_start: int, k_end: int, device) -> torch.Tensor:
-    """Boolean mask [B or 1, 1, q, k]: causal, within the window, never a padding key (a padded query sees only
-    itself, so its softmax row is never empty; its output is never used)."""
-    q_pos = torch.arange(q_start, q_end, device=device)[:, None] + view.cached
-    k_pos = torch.arange(k_start, k_end, device=device)[None, :]
-    allowed = (k_pos <= q_pos) & (q_pos - k_pos < view.window)
-    if view.key_valid is None:
-        return allowed[None, None]
-    return allowed & (view.key_valid[:, None, None, k_start:k_end] | (k_pos == q_pos))
+def sdpa_block(
+    module: nn.Module, query, key, value, mask, *, is_causal: bool, dropout: float = 0.0, scaling=None, **kwargs
+):
+    """torch's scaled_dot_product_attention on one block, [B, T, H, D] out. On a CPU the kernel takes grouped-query
+    keys and a mask together, which saves copying every block's keys and values for each query head (other devices
+    fall back to a slow kernel for that combination, so there the keys are expanded, as transformers does)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1 and mask is not None and query.device.type != "cpu":
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        dropout_p=dropout,
+        is_causal=is_causal,
+        scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return out.transpose(1, 2), None
 
 
 def windowed_attention(
@@ -85,27 +122,29 @@ def windowed_attention(
     """Exact softmax attention of each query over the last W keys. query [B, H, T, D]; key, value
     [B, Hkv, cached + T, D]. Returns [B, T, H, D]."""
     length = query.shape[2]
-    eager = interface is eager_attention_forward
+    if interface is ALL_ATTENTION_FUNCTIONS.get("sdpa"):
+        interface = sdpa_block
+    # The first W queries of an unpadded sequence from its start cannot reach past the window: plain causal attention,
+    # which a causal kernel computes without the upper triangle.
+    plain_causal = interface is sdpa_block and view.cached == 0 and view.key_valid is None and length > 1
+    first_block = min(view.window, length) if plain_causal else QUERY_BLOCK
     outputs = []
-    for q_start in range(0, length, QUERY_BLOCK):
-        q_end = min(q_start + QUERY_BLOCK, length)
+    for q_start in [0, *range(first_block, length, QUERY_BLOCK)]:
+        q_end = min(q_start + (first_block if q_start == 0 else QUERY_BLOCK), length)
         k_start = max(0, view.cached + q_start - view.window + 1)
         k_end = view.cached + q_end
-        if view.key_valid is None and q_end - q_start == 1:
-            mask = None  # one query, no padding (a decode step): every key in [k_start, k_end) is visible
+        causal = plain_causal and q_start == 0
+        if causal or (view.key_valid is None and q_end - q_start == 1):
+            mask = None  # causal from the first token, or one query without padding: every key up to it is visible
         else:
-            mask = window_mask(view, q_start, q_end, k_start, k_end, query.device)
-        if eager and mask is not None:
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~mask, torch.finfo(query.dtype).min
-            )
+            mask = view.mask(q_start, q_end, k_start, k_end, query.dtype, query.device)
         out, _ = interface(
             module,
             query[:, :, q_start:q_end],
             key[:, :, k_start:k_end],
             value[:, :, k_start:k_end],
             mask,
-            is_causal=False,
+            is_causal=causal,
             **kwargs,
         )
         outputs.append(out)
