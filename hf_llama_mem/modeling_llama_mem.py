@@ -46,6 +46,8 @@ CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
 # prefills O(T * W) instead of O(T^2). The masked part of each block is computed and thrown away, so smaller blocks
 # waste less; 256 was the fastest on a CPU (fewer calls cost more in per-call overhead).
 QUERY_BLOCK = 256
+# Without gradients, a longer input runs through the cache in pieces of this many tokens (see LlamaMemModel.forward).
+PREFILL_SEGMENT = 2048
 # Up to this many new tokens, the key convolution is computed as a weighted sum of its taps (cheaper per call).
 SHORT_CONV_LENGTH = 4
 
@@ -507,23 +509,28 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         check_cache_batch(cache, batch)
 
         past = cache.get_seq_length() if cache is not None else 0
-        view = make_window_view(self.config.sliding_window, past, batch, length, attention_mask, inputs_embeds.device)
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, past, length, inputs_embeds.device)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
-
+        check_attention_mask(attention_mask, batch, past, length)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        all_hidden_states = ()
-        hidden_states = inputs_embeds
-        for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states = layer(hidden_states, position_embeddings, view, cache)
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+        # A long prefill runs segment by segment through the cache (exactly equal, as any prefill split is): peak
+        # memory stays that of one segment, and the working set stays small enough to be fast.
+        segment = PREFILL_SEGMENT if cache is not None and not torch.is_grad_enabled() else max(length, 1)
+        pieces = []
+        for start in range(0, max(length, 1), segment):
+            end = min(start + segment, length)
+            pieces.append(
+                self.run_layers(
+                    inputs_embeds[:, start:end],
+                    None if attention_mask is None else attention_mask[:, : past + end],
+                    None if position_ids is None else position_ids[:, start:end],
+                    cache,
+                    past + start,
+                    output_hidden_states,
+                )
+            )
+        all_hidden_states = tuple(torch.cat(states, dim=1) for states in zip(*pieces, strict=True))
+        hidden_states = all_hidden_states[-1]
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
@@ -532,6 +539,22 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
+
+    def run_layers(self, inputs_embeds, attention_mask, position_ids, cache, past, output_hidden_states):
+        """Every layer over one piece of the input, `past` tokens after the start; returns the final normed hidden
+        states, after each layer's input when output_hidden_states."""
+        batch, length = inputs_embeds.shape[:2]
+        view = make_window_view(self.config.sliding_window, past, batch, length, attention_mask, inputs_embeds.device)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, past, length, inputs_embeds.device)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        all_hidden_states = []
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            hidden_states = layer(hidden_states, position_embeddings, view, cache)
+        return (*all_hidden_states, self.norm(hidden_states))
 
     def embed(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
@@ -564,16 +587,21 @@ def check_cache_batch(cache: Cache | None, batch: int) -> None:
             raise ValueError(f"The cache holds a batch of {keys.shape[0]} sequences, but the input has {batch}.")
 
 
-def make_window_view(window: int, past: int, batch: int, length: int, attention_mask, device) -> WindowView:
-    """Window bookkeeping for one call. attention_mask is [B, past + T] (1 = real token, 0 = padding) or None."""
-    cached = min(past, window - 1)
-    if attention_mask is None:
-        return WindowView(window, cached, None, None)
-    if attention_mask.dim() != 2 or attention_mask.shape != (batch, past + length):
+def check_attention_mask(attention_mask, batch: int, past: int, length: int) -> None:
+    """attention_mask is [B, past + T] (1 = real token, 0 = padding) or None."""
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape != (batch, past + length)):
         raise ValueError(
             f"attention_mask must have shape [batch, past + length] = [{batch}, {past + length}] "
             f"(past = {past} cached tokens), got {tuple(attention_mask.shape)}."
         )
+
+
+def make_window_view(window: int, past: int, batch: int, length: int, attention_mask, device) -> WindowView:
+    """Window bookkeeping for one call. attention_mask is [B, past + T] (1 = real token, 0 = padding) or None."""
+    cached = min(past, window - 1)
+    check_attention_mask(attention_mask, batch, past, length)
+    if attention_mask is None:
+        return WindowView(window, cached, None, None)
     key_valid = attention_mask[:, past - cached :].to(device=device, dtype=torch.bool)
     if bool(key_valid.all()):
         return WindowView(window, cached, None, None)

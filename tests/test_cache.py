@@ -101,3 +101,37 @@ def test_memory_state_is_float32_in_a_bfloat16_model():
         model(torch.randint(1, 256, (1, 30)), cache=cache, use_cache=True)
     assert cache.layers[0].recurrent_states[0].dtype == torch.float32
     assert cache.layers[0].keys.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("explicit_positions", [False, True], ids=["positions-from-mask", "position-ids"])
+@pytest.mark.parametrize("segment", [5, 16, 10_000])
+def test_segmented_prefill_equals_one_pass(monkeypatch, segment, explicit_positions):
+    """A long prefill without gradients runs through the cache in segments: the same logits, hidden states and cache
+    as one pass over the whole input, with left padding too."""
+    from hf_llama_mem import modeling_llama_mem
+
+    model = tiny_model()
+    ids = torch.randint(1, 256, (2, LENGTH))
+    mask = torch.ones_like(ids)
+    mask[0, :11] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) if explicit_positions else None
+    results = {}
+    for name, size in (("one pass", LENGTH + 1), ("segmented", segment)):
+        monkeypatch.setattr(modeling_llama_mem, "PREFILL_SEGMENT", size)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            out = model(
+                ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                cache=cache,
+                output_hidden_states=True,
+            )
+            after = model(ids[:, :3], attention_mask=torch.cat([mask, mask[:, :3]], 1), use_cache=True, cache=cache)
+        results[name] = (out, after)
+    (whole, whole_after), (pieces, pieces_after) = results["one pass"], results["segmented"]
+    assert_close(pieces.logits, whole.logits, 1e-5, "logits")
+    for layer, (a, b) in enumerate(zip(pieces.hidden_states, whole.hidden_states, strict=True)):
+        assert_close(a, b, 1e-5, f"hidden states {layer}")
+    assert_close(pieces_after.logits, whole_after.logits, 1e-5, "logits after the prefill, from the cache")
