@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from hf_llama_mem.bench import PeakMemory, run_benchmark, write_results
@@ -17,11 +18,12 @@ def test_peak_memory_sees_a_temporary_allocation():
 
 
 def test_benchmark_reports_every_measure_with_ratios(tmp_path):
-    settings = dict(train=[64], prefill=[128], decode=[64, 128], window=16, dims=TINY_DIMS)
+    settings = dict(train=[64], train_repeats=2, prefill=[128], decode=[64, 128], window=16, dims=TINY_DIMS)
     lines = []
     results = run_benchmark(settings, lines.append)
     metrics = [row["metric"] for row in results["rows"]]
-    assert metrics == [
+    assert metrics[-1].startswith("training MFU % @ 64 (model FLOPs over a measured")
+    assert metrics[:-1] == [
         "train tokens/s @ 64",
         "decode ms/token @ 64",
         "cache MB @ 64",
@@ -38,3 +40,18 @@ def test_benchmark_reports_every_measure_with_ratios(tmp_path):
     write_results(results, str(tmp_path / "bench.json"), lines)
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == results["rows"]
     assert (tmp_path / "bench.md").read_text().splitlines() == lines
+
+
+def test_training_flops_count_weights_that_multiply_and_attended_keys():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_llama_mem.bench import train_flops_per_token
+
+    from .helpers import tiny_model
+
+    memory_model, llama = tiny_model(), LlamaForCausalLM(LlamaConfig(**TINY_DIMS))
+    hidden, layers, embedding = TINY_DIMS["hidden_size"], TINY_DIMS["num_hidden_layers"], 256 * 64
+    for model, mean_attended in ((llama, (32 + 1) / 2), (memory_model, (sum(range(1, 9)) + 8 * 24) / 32)):
+        params = sum(p.numel() for p in model.parameters()) - embedding
+        expected = 6 * params + 12 * layers * hidden * mean_attended
+        assert train_flops_per_token(model, 32) == pytest.approx(expected)
