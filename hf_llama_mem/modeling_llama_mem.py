@@ -68,26 +68,31 @@ class WindowView:
     token_valid: torch.Tensor | None
     masks: dict = field(default_factory=dict)
 
-    def mask(self, q_start: int, q_end: int, k_start: int, k_end: int, dtype, device) -> torch.Tensor:
-        """Additive mask [B or 1, 1, q, k]: causal, within the window, never a padding key (a padded query sees only
-        itself, so its softmax row is never empty; its output is never used)."""
+    def mask(self, q_first: int, q_len: int, k_first: int, k_len: int, dtype, device) -> torch.Tensor:
+        """Additive mask [B or 1, 1, q_len, k_len] for the queries at key indices q_first.. (indices into the cached
+        window followed by this call's tokens) against the keys at k_first..: causal, within the window, never a key
+        before index 0 nor a padding key (a padded query sees only itself, so its softmax row is never empty; its
+        output is never used). Keys past the end are block filler, visible only to filler queries."""
         # Without padding the mask depends only on where the queries sit relative to the keys.
         if self.key_valid is None:
-            key = (self.cached + q_start - k_start, q_end - q_start, k_end - k_start, dtype, device)
+            cache_key = (q_first - k_first, max(0, -k_first), q_len, k_len, dtype, device)
         else:
-            key = (q_start, q_end, k_start, k_end, dtype, device)
-        if key not in self.masks:
-            q_pos = torch.arange(q_start, q_end, device=device)[:, None] + self.cached
-            k_pos = torch.arange(k_start, k_end, device=device)[None, :]
-            allowed = (k_pos <= q_pos) & (q_pos - k_pos < self.window)
+            cache_key = (q_first, k_first, q_len, k_len, dtype, device)
+        if cache_key not in self.masks:
+            q_pos = torch.arange(q_first, q_first + q_len, device=device)[:, None]
+            k_pos = torch.arange(k_first, k_first + k_len, device=device)[None, :]
+            allowed = (k_pos >= 0) & (k_pos <= q_pos) & (q_pos - k_pos < self.window)
             if self.key_valid is None:
                 allowed = allowed[None, None]
             else:
-                allowed = allowed & (self.key_valid[:, None, None, k_start:k_end] | (k_pos == q_pos))
-            self.masks[key] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+                known = self.key_valid[:, max(k_first, 0) : max(k_first + k_len, 0)]
+                front = max(0, -k_first)
+                valid = F.pad(known, (front, k_len - front - known.shape[1]), value=True)
+                allowed = allowed & (valid[:, None, None, :] | (k_pos == q_pos))
+            self.masks[cache_key] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
                 ~allowed, torch.finfo(dtype).min
             )
-        return self.masks[key]
+        return self.masks[cache_key]
 
 
 def sdpa_block(
@@ -126,31 +131,51 @@ def windowed_attention(
     length = query.shape[2]
     if interface is ALL_ATTENTION_FUNCTIONS.get("sdpa"):
         interface = sdpa_block
-    # The first W queries of an unpadded sequence from its start cannot reach past the window: plain causal attention,
-    # which a causal kernel computes without the upper triangle.
-    plain_causal = interface is sdpa_block and view.cached == 0 and view.key_valid is None and length > 1
-    first_block = min(view.window, length) if plain_causal else QUERY_BLOCK
-    outputs = []
-    for q_start in [0, *range(first_block, length, QUERY_BLOCK)]:
-        q_end = min(q_start + (first_block if q_start == 0 else QUERY_BLOCK), length)
-        k_start = max(0, view.cached + q_start - view.window + 1)
-        k_end = view.cached + q_end
-        causal = plain_causal and q_start == 0
-        if causal or (view.key_valid is None and q_end - q_start == 1):
-            mask = None  # causal from the first token, or one query without padding: every key up to it is visible
-        else:
-            mask = view.mask(q_start, q_end, k_start, k_end, query.dtype, query.device)
-        out, _ = interface(
-            module,
-            query[:, :, q_start:q_end],
-            key[:, :, k_start:k_end],
-            value[:, :, k_start:k_end],
-            mask,
-            is_causal=causal,
-            **kwargs,
-        )
-        outputs.append(out)
+    outputs, done = [], 0
+    if interface is sdpa_block and view.cached == 0 and view.key_valid is None and length > 1:
+        # The first W queries of an unpadded sequence from its start cannot reach past the window: plain causal
+        # attention, which a causal kernel computes without the upper triangle.
+        done = min(view.window, length)
+        head = (query[:, :, :done], key[:, :, :done], value[:, :, :done])
+        outputs.append(interface(module, *head, None, is_causal=True, **kwargs)[0])
+    if done < length:
+        outputs.append(banded_attention(module, interface, query[:, :, done:], key, value, view, **kwargs))
     return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+
+def banded_attention(
+    module: nn.Module, interface: Callable, query, key, value, view: WindowView, **kwargs
+) -> torch.Tensor:
+    """The last `query.shape[2]` queries of the call over their windows, in blocks of QUERY_BLOCK queries that each
+    attend QUERY_BLOCK + W - 1 keys under a mask. Returns [B, T, H, D]."""
+    length, total = query.shape[2], key.shape[2]
+    q_first = total - length  # key index of the first query
+    k_first = q_first - view.window + 1
+    block = min(QUERY_BLOCK, length)
+    if block == length:
+        start = max(k_first, 0)
+        if view.key_valid is None and length == 1:
+            mask = None  # one query without padding (a decode step): every key from `start` on is visible
+        else:
+            mask = view.mask(q_first, length, start, total - start, query.dtype, query.device)
+        return interface(module, query, key[:, :, start:], value[:, :, start:], mask, is_causal=False, **kwargs)[0]
+    # Every block's keys are one strided view (unfold) of the keys padded to whole blocks, so the backward gathers
+    # all blocks' key gradients in one pass: slicing each block would zero-fill a gradient as large as all the keys
+    # once per block.
+    blocks = -(-length // block)
+    width = block + view.window - 1
+    fill = blocks * block - length
+    pad = (0, 0, max(0, -k_first), fill)
+    key_blocks, value_blocks = (
+        F.pad(x[:, :, max(k_first, 0) :], pad).unfold(2, width, block).transpose(-1, -2).unbind(2)
+        for x in (key, value)
+    )
+    query_blocks = F.pad(query, (0, 0, 0, fill)).unflatten(2, (blocks, block)).unbind(2)
+    outputs = []
+    for n, block_inputs in enumerate(zip(query_blocks, key_blocks, value_blocks, strict=True)):
+        mask = view.mask(q_first + n * block, block, k_first + n * block, width, query.dtype, query.device)
+        outputs.append(interface(module, *block_inputs, mask, is_causal=False, **kwargs)[0])
+    return torch.cat(outputs, dim=1)[:, :length]
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
