@@ -57,7 +57,8 @@ class MemoryProbe(TrainerCallback):
 
     def _record_read(self, layer_idx: int):
         def hook(module, inputs, output):
-            self.read_norms[layer_idx] = inputs[0].detach().norm(dim=-1).mean().item()
+            read, query = (x.detach() for x in inputs[:2])  # the read of the raw query: divide by the query norm
+            self.read_norms[layer_idx] = (read.norm(dim=-1) / query.norm(dim=-1).clamp_min(1e-6)).mean().item()
 
         return hook
 

@@ -178,9 +178,33 @@ def banded_attention(
     return torch.cat(outputs, dim=1)[:, :length]
 
 
+# The floor of the query norm in the L2 normalisation of memory queries and keys (F.normalize's eps).
+L2_EPS = 1e-6
+
+
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """L2 normalisation over the last dim in float32 (the convention of the delta-rule kernels)."""
-    return F.normalize(x.float(), p=2.0, dim=-1, eps=1e-6)
+    return F.normalize(x.float(), p=2.0, dim=-1, eps=L2_EPS)
+
+
+class MemoryReadRMSNorm(nn.Module):
+    """RMS norm of a memory read by an L2-normalised query, times the learned per-head gate.
+
+    It takes the read of the raw query: the read is linear in its query, so with r = S^T q,
+    RMSNorm(S^T q / |q|) = r / sqrt(mean(r^2) + eps |q|^2) exactly. That is a few passes over the read instead of a
+    normalisation of every query on top of the norm (this branch is bandwidth-bound on long inputs).
+    """
+
+    def __init__(self, head_dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.eps = eps
+
+    def forward(self, read: torch.Tensor, query: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """read, query [B, T, H, D] float32; gate [H]."""
+        query_norm_sq = query.pow(2).sum(-1, keepdim=True).clamp_min(L2_EPS**2)
+        scale = torch.rsqrt(read.pow(2).mean(-1, keepdim=True) + self.eps * query_norm_sq)
+        return read * scale * (self.weight * gate[:, None])
 
 
 def keep_owned_window(layer, window: int) -> None:
@@ -222,7 +246,7 @@ class LlamaMemMemory(nn.Module):
             self.decay_bias = nn.Parameter(torch.zeros(config.num_key_value_heads))
             self.decay_log_rate = nn.Parameter(torch.zeros(config.num_key_value_heads))
         self.write_proj = nn.Linear(config.hidden_size, config.num_key_value_heads, bias=True)
-        self.read_norm = LlamaRMSNorm(config.head_dim, eps=config.rms_norm_eps)
+        self.read_norm = MemoryReadRMSNorm(config.head_dim, eps=config.rms_norm_eps)
         self.gate = nn.Parameter(torch.ones(config.num_attention_heads))
 
     def forward(self, step: str, *args) -> torch.Tensor:
@@ -287,7 +311,10 @@ class LlamaMemMemory(nn.Module):
         no_ops = min(self.window - cached, stream_length)
         stream = F.pad(window_entries[:, :, : stream_length - no_ops], (0, 0, no_ops, 0)).transpose(1, 2)
         value, key, g, beta = stream.split([self.head_dim, self.head_dim, 1, 1], dim=-1)
-        memory_query = F.pad(l2_normalize(query.transpose(1, 2)), (0, 0, 0, 0, 0, stream_length - length))
+        # The query's L2 normalisation is folded into the read norm (MemoryReadRMSNorm).
+        memory_query = query.transpose(1, 2).float()
+        if stream_length > length:
+            memory_query = F.pad(memory_query, (0, 0, 0, 0, 0, stream_length - length))
         op_kwargs = {"chunk_size": self.chunk_size} if stream_length > 2 else {}
         op = chunk_gated_delta_rule if stream_length > 2 else recurrent_gated_delta_rule
         read, final_state = op(
@@ -303,7 +330,7 @@ class LlamaMemMemory(nn.Module):
         )
         if layer_cache is not None:
             layer_cache.update_recurrent_state(final_state)
-        return self.read_norm(read[:, :length]) * self.gate[:, None]
+        return self.read_norm(read[:, :length], memory_query[:, :length], self.gate)
 
 
 class LlamaMemAttention(nn.Module):

@@ -145,3 +145,21 @@ def test_save_and_load_round_trip_gives_identical_logits(tmp_path, rule):
     assert isinstance(loaded, LlamaMemForCausalLM)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_read_norm_of_raw_query_equals_rms_norm_of_normalised_query_read():
+    """The fused read norm equals the definition: RMSNorm(S^T (q / |q|)) * gate, per head."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from hf_llama_mem.modeling_llama_mem import MemoryReadRMSNorm
+
+    state = torch.randn(3, 4, 8, 8)  # [B, H, K, V]
+    query = torch.randn(3, 5, 4, 8) * torch.rand(3, 5, 4, 1) * 10  # [B, T, H, K], assorted norms
+    gate = torch.randn(4)
+    fused, reference = MemoryReadRMSNorm(8, eps=0.5), LlamaRMSNorm(8, eps=0.5)  # an eps that matters
+    with torch.no_grad():
+        fused.weight.normal_()
+        reference.weight.copy_(fused.weight)
+    read = torch.einsum("bthk,bhkv->bthv", query, state)
+    unit_read = torch.einsum("bthk,bhkv->bthv", torch.nn.functional.normalize(query, dim=-1), state)
+    assert_close(fused(read, query, gate), reference(unit_read) * gate[:, None], 1e-5, "read norm")
