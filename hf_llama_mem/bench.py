@@ -9,6 +9,7 @@ against a matmul peak measured on the same machine. Writes JSON and a markdown t
 import ctypes
 import json
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -134,13 +135,17 @@ class PeakMemory:
 
 
 @torch.no_grad()
-def decode_ms(model, cache, steps=16):
+def decode_ms(model, cache, steps=24):
+    """Milliseconds per generated token: the median of `steps` single-token steps (a median, because one stall of a
+    shared machine would otherwise move a mean of a few steps)."""
     token = torch.randint(0, model.config.vocab_size, (1, 1))
     model(token, use_cache=True, **{CACHE_FIELD: cache})
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         model(token, use_cache=True, **{CACHE_FIELD: cache})
-    return (time.perf_counter() - start) / steps * 1e3
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def cache_bytes(cache):
