@@ -581,7 +581,10 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
                     output_hidden_states,
                 )
             )
-        all_hidden_states = tuple(torch.cat(states, dim=1) for states in zip(*pieces, strict=True))
+        if len(pieces) == 1:
+            all_hidden_states = pieces[0]
+        else:
+            all_hidden_states = tuple(torch.cat(states, dim=1) for states in zip(*pieces, strict=True))
         hidden_states = all_hidden_states[-1]
 
         output = BaseModelOutputWithPast(
