@@ -26,23 +26,30 @@ import torch.nn.functional as F
 __all__ = ["chunk_gated_delta_rule", "recurrent_gated_delta_rule"]
 
 
-def _to_heads_first(q, k, v, g, beta, scale):
-    """fp32, heads before time; the query heads get a group axis: q [B, H, G, T, K]."""
-    batch, length, num_q_heads, key_dim = q.shape
+def _op_settings(q, k, scale):
+    """Query heads per memory head, the query scale and the compute dtype shared by both forms of the op."""
+    num_q_heads, key_dim = q.shape[2:]
     num_heads = k.shape[2]
     if num_q_heads % num_heads != 0:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of key heads ({num_heads})")
     scale = key_dim**-0.5 if scale is None else scale
     dtype = torch.promote_types(q.dtype, torch.float32)  # float32 at least; float64 stays float64 for gradcheck
-    q = q.to(dtype).view(batch, length, num_heads, num_q_heads // num_heads, key_dim).permute(0, 2, 3, 1, 4) * scale
+    return num_q_heads // num_heads, scale, dtype
+
+
+def _to_heads_first(q, k, v, g, beta, scale):
+    """fp32, heads before time; the query heads get a group axis: q [B, H, G, T, K]."""
+    batch, length, _, key_dim = q.shape
+    num_groups, scale, dtype = _op_settings(q, k, scale)
+    q = q.to(dtype).view(batch, length, k.shape[2], num_groups, key_dim).permute(0, 2, 3, 1, 4) * scale
     k, v, g, beta = (x.to(dtype).transpose(1, 2) for x in (k, v, g, beta))
     return q, k, v, g, beta
 
 
 def _initial_state(initial_state, k, v):
-    batch, num_heads, _, key_dim = k.shape
+    """The given start state in the compute dtype, or zeros [B, H, K, V]; k and v are heads-first [B, H, ..., D]."""
     if initial_state is None:
-        return k.new_zeros(batch, num_heads, key_dim, v.shape[-1])
+        return k.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1])
     return initial_state.to(k.dtype)
 
 
@@ -98,11 +105,7 @@ def chunk_gated_delta_rule(
     """Chunkwise-parallel gated delta rule: same contract and result as `recurrent_gated_delta_rule`."""
     batch, length, num_q_heads, key_dim = q.shape
     num_heads = k.shape[2]
-    if num_q_heads % num_heads != 0:
-        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of key heads ({num_heads})")
-    num_groups = num_q_heads // num_heads
-    scale = key_dim**-0.5 if scale is None else scale
-    dtype = torch.promote_types(q.dtype, torch.float32)  # float32 at least; float64 stays float64 for gradcheck
+    num_groups, scale, dtype = _op_settings(q, k, scale)
     # Padding is a run of no-op tokens (beta = 0, g = 0) at the end: it changes neither outputs nor state.
     pad = (-length) % chunk_size
     num_chunks = (length + pad) // chunk_size
@@ -116,7 +119,7 @@ def chunk_gated_delta_rule(
     # batched matmul (no broadcasting, which would copy its operands).
     q = to_chunks(q.unflatten(2, (num_heads, num_groups))).movedim(4, 3).flatten(3, 4)
     q = q.contiguous()
-    state = _initial_state(initial_state, k.flatten(2, 3), v.flatten(2, 3))
+    state = _initial_state(initial_state, k, v)
 
     log_decay = g.cumsum(-1)  # [B, H, N, C]: log of the decay from the chunk start to (and including) each token
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()

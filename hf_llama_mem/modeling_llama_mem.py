@@ -598,8 +598,8 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
     def run_layers(self, inputs_embeds, attention_mask, position_ids, cache, past, output_hidden_states):
         """Every layer over one piece of the input, `past` tokens after the start; returns the final normed hidden
         states, after each layer's input when output_hidden_states."""
-        batch, length = inputs_embeds.shape[:2]
-        view = make_window_view(self.config.sliding_window, past, batch, length, attention_mask, inputs_embeds.device)
+        length = inputs_embeds.shape[1]
+        view = make_window_view(self.config.sliding_window, past, attention_mask, inputs_embeds.device)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past, length, inputs_embeds.device)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
@@ -651,10 +651,10 @@ def check_attention_mask(attention_mask, batch: int, past: int, length: int) -> 
         )
 
 
-def make_window_view(window: int, past: int, batch: int, length: int, attention_mask, device) -> WindowView:
-    """Window bookkeeping for one call. attention_mask is [B, past + T] (1 = real token, 0 = padding) or None."""
+def make_window_view(window: int, past: int, attention_mask, device) -> WindowView:
+    """Window bookkeeping for one call. attention_mask is [B, past + T] (1 = real token, 0 = padding) or None, already
+    checked by the forward that calls this."""
     cached = min(past, window - 1)
-    check_attention_mask(attention_mask, batch, past, length)
     if attention_mask is None:
         return WindowView(window, cached, None, None)
     key_valid = attention_mask[:, past - cached :].to(device=device, dtype=torch.bool)
