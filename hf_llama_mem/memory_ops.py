@@ -15,10 +15,18 @@ W = (I + A)^-1 beta exp(d) K, and then w = U - W S for any start state S. The ou
 and the end state exp(d_C) S + sum_j exp(d_C - d_j) k_j w_j^T is a linear map of S. Only that map is applied
 sequentially across chunks; everything else is batched over all chunks at once.
 
+The backward is written by hand (`_ChunkedRule`). It mirrors the forward: the gradient of each chunk's end state runs
+back through the transposed state maps (the only sequential part), and then every other gradient is one batched
+product per term, with the triangular solve's gradient one more solve with the transposed system. It keeps only the
+inputs and the state at each chunk start, and recomputes the rest: autograd would keep every intermediate, several
+times the inputs, and on long inputs that memory traffic costs more than the arithmetic.
+
 Shape legend: B batch, T time, H key/value (memory) heads, HQ query heads (a multiple of H: a group of query heads
 reads the same memory), K key dim, V value dim. Layouts follow flash-linear-attention and transformers:
 q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V], g and beta [B, T, H], state [B, H, K, V].
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +111,7 @@ def chunk_gated_delta_rule(
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise-parallel gated delta rule: same contract and result as `recurrent_gated_delta_rule`."""
-    batch, length, num_q_heads, key_dim = q.shape
+    batch, length, num_q_heads, _ = q.shape
     num_heads = k.shape[2]
     num_groups, scale, dtype = _op_settings(q, k, scale)
     # Padding is a run of no-op tokens (beta = 0, g = 0) at the end: it changes neither outputs nor state.
@@ -111,52 +119,154 @@ def chunk_gated_delta_rule(
     num_chunks = (length + pad) // chunk_size
 
     def to_chunks(x):  # [B, T, H, ...] -> [B, H, N, C, ...]
-        x = F.pad(x.to(dtype), (0, 0) * (x.dim() - 2) + (0, pad))
+        x = x.to(dtype)
+        if pad:
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
         return x.unflatten(1, (num_chunks, chunk_size)).movedim(3, 1)
 
-    k, v, g, beta = (to_chunks(x) for x in (k, v, g, beta))
-    # Queries as rows (group, position) of each chunk: [B, H, N, G * C, K], so every product below is a plain
-    # batched matmul (no broadcasting, which would copy its operands).
+    # Contiguous, so that every product below is a plain batched matmul over views.
+    k, v, g, beta = (to_chunks(x).contiguous() for x in (k, v, g, beta))
+    # Queries as rows (group, position) of each chunk: [B, H, N, G * C, K].
     q = to_chunks(q.unflatten(2, (num_heads, num_groups))).movedim(4, 3).flatten(3, 4)
-    q = q.contiguous()
-    state = _initial_state(initial_state, k, v)
-
-    log_decay = g.cumsum(-1)  # [B, H, N, C]: log of the decay from the chunk start to (and including) each token
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    # decay between tokens j <= i of a chunk; masked before exp so the upper triangle cannot overflow
-    pair_decay = (log_decay[..., :, None] - log_decay[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-
-    # (I + A) [U | W] = [beta V | beta exp(d) K] (module docstring): the writes from a start state S are U - W S.
-    k_beta = k * beta[..., None]
-    system = torch.eye(chunk_size, dtype=k.dtype, device=q.device) + (k_beta @ k.transpose(-1, -2)) * pair_decay.tril(
-        -1
-    )
-    rhs = torch.cat([v * beta[..., None], k_beta * log_decay.exp()[..., None]], dim=-1)
-    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    values_part, keys_part = solved.split([v.shape[-1], k.shape[-1]], dim=-1)
-
-    # Between chunks the state follows a linear recurrence S_{n+1} = M_n S_n + P_n with
-    # M_n = decay_n I - K_n'^T W_n and P_n = K_n'^T U_n (K_n' the keys decayed to the chunk end). Everything but that
-    # recurrence is batched over chunks, so the sequential loop is one small fused matmul per chunk.
-    chunk_decay = log_decay[..., -1:]  # [B, H, N, 1]
-    k_to_end_t = (k * (chunk_decay - log_decay).exp()[..., None]).transpose(-1, -2)  # [B, H, N, K, C]
-    eye = torch.eye(key_dim, dtype=k.dtype, device=q.device)
-    transitions = chunk_decay.exp()[..., None] * eye - k_to_end_t @ keys_part  # [B, H, N, K, K]
-    inputs = k_to_end_t @ values_part  # [B, H, N, K, V]
-    # Chunks are taken with unbind, not indexing: the backward of x[:, :, n] builds a zero tensor the size of all of x
-    # for every chunk (quadratic in the number of chunks); unbind's backward stacks the gradients once.
-    states = []
-    for transition, written in zip(transitions.flatten(0, 1).unbind(1), inputs.flatten(0, 1).unbind(1), strict=True):
-        states.append(state)
-        state = torch.baddbmm(written, transition, state.flatten(0, 1)).view_as(state)
-    starts = torch.stack(states, dim=2)  # [B, H, N, K, V]: the state at the start of each chunk
-
-    # Output rows: the start state read by the decayed query, plus the chunk's own corrected writes.
-    corrections = values_part - keys_part @ starts  # [B, H, N, C, V]
-    scores = (q @ k.transpose(-1, -2)).unflatten(3, (num_groups, chunk_size)) * (pair_decay * scale)[:, :, :, None]
-    row_decay = (log_decay.exp() * scale).repeat(1, 1, 1, num_groups)[..., None]  # [B, H, N, G * C, 1]
-    out = (q @ starts) * row_decay + scores.flatten(3, 4) @ corrections  # [B, H, N, G * C, V]
+    q = q * scale if scale != 1.0 else q.contiguous()
+    out, final_state = _ChunkedRule.apply(q, k, v, g, beta, _initial_state(initial_state, k, v))
     # [B, H, N, G, C, V] -> [B, N, C, H, G, V] -> [B, T, HQ, V]
     out = out.unflatten(3, (num_groups, chunk_size)).permute(0, 2, 4, 1, 3, 5)
     out = out.reshape(batch, -1, num_q_heads, v.shape[-1])
-    return out[:, :length], (state if output_final_state else None)
+    return out[:, :length], (final_state if output_final_state else None)
+
+
+class _ChunkTerms:
+    """What the chunks derive from k, v, g and beta alone (module docstring); every tensor is [B, H, N, ...].
+
+    The backward recomputes these rather than keeping them: they are several times the size of the inputs, and on
+    long inputs the memory traffic of keeping them costs more than the arithmetic of recomputing them.
+    """
+
+    def __init__(self, k, v, g, beta):
+        chunk_size = k.shape[-2]
+        self.log_decay = g.cumsum(-1)  # d [C]: the log decay from the chunk start through each token
+        self.decay = self.log_decay.exp()
+        causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=k.device).tril()
+        # exp(d_i - d_j) for j <= i, else 0 [C, C]; masked before exp so that the upper triangle cannot overflow
+        pair_log_decay = self.log_decay[..., :, None] - self.log_decay[..., None, :]
+        self.pair_decay = pair_log_decay.masked_fill_(~causal, -math.inf).exp_()
+        self.k_beta = k * beta[..., None]
+        self.key_products = self.k_beta @ k.transpose(-1, -2)  # (beta_i k_i) . k_j [C, C]
+        self.system = (self.key_products * self.pair_decay).tril_(-1)  # I + A [C, C]
+        self.system.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        rhs = torch.cat([v * beta[..., None], self.k_beta * self.decay[..., None]], dim=-1)
+        self.solved = torch.linalg.solve_triangular(self.system, rhs, upper=False, unitriangular=True)  # [U | W]
+        self.values_part, self.keys_part = self.solved.split([v.shape[-1], k.shape[-1]], dim=-1)
+        self.to_end = (self.log_decay[..., -1:] - self.log_decay).exp()  # exp(d_C - d) [C]
+        self.k_to_end = k * self.to_end[..., None]  # K', the keys decayed to the chunk end [C, K]
+        # The state map between chunks: S_{n+1} = M S_n + K'^T U, with M = exp(d_C) I - K'^T W [K, K].
+        self.transitions = -(self.k_to_end.transpose(-1, -2) @ self.keys_part)
+        self.transitions.diagonal(dim1=-2, dim2=-1).add_(self.decay[..., -1:])
+
+    def scores(self, q, k):
+        """(q_i . k_j) exp(d_i - d_j) for j <= i, for every query row (group, position): [B, H, N, G * C, C]."""
+        scores = q @ k.transpose(-1, -2)
+        scores.unflatten(3, (-1, k.shape[-2])).mul_(self.pair_decay[:, :, :, None])
+        return scores
+
+    def row_decay(self, num_groups):
+        """exp(d) for every query row: [B, H, N, G * C, 1]."""
+        return self.decay.repeat(1, 1, 1, num_groups)[..., None]
+
+
+def _linear_scan(transitions, inputs, state, reverse=False):
+    """x_{n+1} = M_n x_n + P_n over the chunks n (reverse: over n = N-1..0, the x after a step is that of n - 1).
+
+    transitions [B, H, N, K, K], inputs [B, H, N, K, V], state [B, H, K, V]. Returns the x that each step n starts
+    from, [B, H, N, K, V], and the last x. The only sequential part of the op: one fused matmul per chunk.
+    """
+    # Chunks are taken with unbind, not indexing, which would copy a slice per step.
+    steps = list(zip(transitions.flatten(0, 1).unbind(1), inputs.flatten(0, 1).unbind(1), strict=True))
+    entered = [None] * len(steps)
+    x = state.flatten(0, 1)
+    for n in reversed(range(len(steps))) if reverse else range(len(steps)):
+        entered[n] = x
+        x = torch.baddbmm(steps[n][1], steps[n][0], x)
+    return torch.stack(entered, dim=1).view_as(inputs), x.view_as(state)
+
+
+class _ChunkedRule(torch.autograd.Function):
+    """The chunked rule on chunk-major inputs, with a hand-written backward.
+
+    q [B, H, N, G * C, K] (scaled; rows are (group, position)), k [B, H, N, C, K], v [B, H, N, C, V], g and beta
+    [B, H, N, C], state [B, H, K, V]. Returns the outputs [B, H, N, G * C, V] and the final state. Only the inputs
+    and the state at each chunk start are kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, state):
+        terms = _ChunkTerms(k, v, g, beta)
+        inputs = terms.k_to_end.transpose(-1, -2) @ terms.values_part  # K'^T U
+        starts, final_state = _linear_scan(terms.transitions, inputs, state)
+        # o = exp(d) S^T q + scores (U - W S) per chunk, S its start state (module docstring)
+        corrections = terms.values_part - terms.keys_part @ starts
+        out = (q @ starts).mul_(terms.row_decay(q.shape[-2] // k.shape[-2]))
+        out.view(-1, *out.shape[-2:]).baddbmm_(terms.scores(q, k).flatten(0, 2), corrections.flatten(0, 2))
+        ctx.save_for_backward(q, k, v, g, beta, starts)
+        return out, final_state
+
+    @staticmethod
+    def backward(ctx, out_grad, final_grad):
+        q, k, v, g, beta, starts = ctx.saved_tensors
+        out_grad = out_grad.contiguous()
+        num_groups = q.shape[-2] // k.shape[-2]
+        terms = _ChunkTerms(k, v, g, beta)
+        scores = terms.scores(q, k)
+        corrections = terms.values_part - terms.keys_part @ starts
+        row_decay = terms.row_decay(num_groups)
+        decayed_q = q * row_decay
+
+        # The gradient of each chunk's end state comes back through the transposed state map: the gradient of its
+        # start state is M^T (end gradient) + (exp(d) q - scores W)^T (output gradient).
+        scores_t_out_grad = scores.transpose(-1, -2) @ out_grad  # [C, V]
+        residuals = decayed_q.transpose(-1, -2) @ out_grad - terms.keys_part.transpose(-1, -2) @ scores_t_out_grad
+        end_grads, state_grad = _linear_scan(terms.transitions.transpose(-1, -2), residuals, final_grad, reverse=True)
+        corrections_grad = terms.k_to_end @ end_grads + scores_t_out_grad
+
+        # o = exp(d) S^T q + scores corrections
+        out_state_grad = out_grad @ starts.transpose(-1, -2)  # [G * C, K]
+        q_grad = out_state_grad * row_decay
+        log_decay_grad = (out_state_grad * decayed_q).sum(-1).unflatten(-1, (num_groups, -1)).sum(-2)
+        scores_grad = out_grad @ corrections.transpose(-1, -2)  # [G * C, C]
+        # pair_grad collects (gradient of exp(d_i - d_j)) * exp(d_i - d_j), the part that reaches d_i and -d_j
+        pair_grad = (scores_grad * scores).unflatten(3, (num_groups, -1)).sum(3)
+        scores_grad.unflatten(3, (num_groups, -1)).mul_(terms.pair_decay[:, :, :, None])  # now of q_i . k_j
+        q_grad += scores_grad @ k
+        k_grad = scores_grad.transpose(-1, -2) @ q
+
+        # S_{n+1} = exp(d_C) S_n + K'^T corrections, K' = exp(d_C - d) k
+        k_to_end_grad = corrections @ end_grads.transpose(-1, -2)  # [C, K]
+        to_end_grad = (k_to_end_grad * terms.k_to_end).sum(-1)
+        chunk_end_grad = (starts * end_grads).sum((-2, -1)) * terms.decay[..., -1] + to_end_grad.sum(-1)
+        log_decay_grad -= to_end_grad
+        k_grad += k_to_end_grad * terms.to_end[..., None]
+
+        # corrections = U - W S, and (I + A) [U | W] = [beta v | exp(d) beta k]
+        solved_grad = torch.cat([corrections_grad, -(corrections_grad @ starts.transpose(-1, -2))], dim=-1)
+        rhs_grad = torch.linalg.solve_triangular(
+            terms.system.transpose(-1, -2), solved_grad, upper=True, unitriangular=True
+        )
+        system_grad = (rhs_grad @ terms.solved.transpose(-1, -2)).tril_(-1).neg_()  # of A (strictly lower)
+        v_rhs_grad, k_rhs_grad = rhs_grad.split([v.shape[-1], k.shape[-1]], dim=-1)
+        v_grad = v_rhs_grad * beta[..., None]
+        beta_grad = (v_rhs_grad * v).sum(-1)
+        k_beta_grad = k_rhs_grad * terms.decay[..., None]
+        log_decay_grad += (k_beta_grad * terms.k_beta).sum(-1)
+        # A = (beta k k^T) exp(d_i - d_j), strictly lower
+        key_products_grad = system_grad * terms.pair_decay
+        pair_grad += key_products_grad * terms.key_products
+        k_beta_grad += key_products_grad @ k
+        k_grad += key_products_grad.transpose(-1, -2) @ terms.k_beta
+        k_grad += k_beta_grad * beta[..., None]
+        beta_grad += (k_beta_grad * k).sum(-1)
+
+        log_decay_grad += pair_grad.sum(-1) - pair_grad.sum(-2)
+        log_decay_grad[..., -1] += chunk_end_grad
+        g_grad = log_decay_grad.flip(-1).cumsum(-1).flip(-1)  # d = cumsum(g) within the chunk
+        return q_grad, k_grad, v_grad, g_grad, beta_grad, state_grad
