@@ -192,7 +192,8 @@ class MemoryReadRMSNorm(nn.Module):
 
     It takes the read of the raw query: the read is linear in its query, so with r = S^T q,
     RMSNorm(S^T q / |q|) = r / sqrt(mean(r^2) + eps |q|^2) exactly. That is a few passes over the read instead of a
-    normalisation of every query on top of the norm (this branch is bandwidth-bound on long inputs).
+    normalisation of every query on top of the norm (this branch is bandwidth-bound on long inputs), and the backward
+    is written out (`_ReadNorm`) for the same reason.
     """
 
     def __init__(self, head_dim: int, eps: float):
@@ -202,9 +203,33 @@ class MemoryReadRMSNorm(nn.Module):
 
     def forward(self, read: torch.Tensor, query: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """read, query [B, T, H, D] float32; gate [H]."""
-        query_norm_sq = query.pow(2).sum(-1, keepdim=True).clamp_min(L2_EPS**2)
-        scale = torch.rsqrt(read.pow(2).mean(-1, keepdim=True) + self.eps * query_norm_sq)
-        return read * scale * (self.weight * gate[:, None])
+        return _ReadNorm.apply(read, query, self.weight, gate, self.eps)
+
+
+class _ReadNorm(torch.autograd.Function):
+    """out = r * s * (weight gate) with s = (mean(r^2) + eps max(|q|^2, L2_EPS^2))^-1/2, per row of [B, T, H, D]."""
+
+    @staticmethod
+    def forward(ctx, read, query, weight, gate, eps):
+        query_norm_sq = query.pow(2).sum(-1, keepdim=True)
+        unclamped = query_norm_sq > L2_EPS**2
+        scale = torch.rsqrt(read.pow(2).mean(-1, keepdim=True).add_(query_norm_sq.clamp_min_(L2_EPS**2), alpha=eps))
+        ctx.save_for_backward(read, query, weight, gate, scale, unclamped)
+        ctx.eps = eps
+        return read * scale * (weight * gate[:, None])
+
+    @staticmethod
+    def backward(ctx, out_grad):
+        read, query, weight, gate, scale, unclamped = ctx.saved_tensors
+        weighted_grad = out_grad * (weight * gate[:, None])
+        # d loss / d (mean(r^2) + eps |q|^2), through s = x^-1/2
+        norm_grad = (weighted_grad * read).sum(-1, keepdim=True).mul_(scale.pow(3)).mul_(-0.5)
+        read_grad = (weighted_grad * scale).add_(read * norm_grad, alpha=2.0 / read.shape[-1])
+        query_grad = query * (norm_grad * unclamped).mul_(2.0 * ctx.eps)
+        per_channel = (out_grad * read * scale).sum((0, 1))  # [H, D]
+        weight_grad = (per_channel * gate[:, None]).sum(0)
+        gate_grad = (per_channel * weight).sum(-1)
+        return read_grad, query_grad, weight_grad, gate_grad, None
 
 
 def keep_owned_window(layer, window: int) -> None:
