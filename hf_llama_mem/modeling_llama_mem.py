@@ -211,22 +211,25 @@ class _ReadNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, read, query, weight, gate, eps):
-        query_norm_sq = query.pow(2).sum(-1, keepdim=True)
+        # Norms as reductions and products in place: on long inputs every full-size temporary costs.
+        query_norm_sq = torch.linalg.vector_norm(query, dim=-1, keepdim=True).square_()
         unclamped = query_norm_sq > L2_EPS**2
-        scale = torch.rsqrt(read.pow(2).mean(-1, keepdim=True).add_(query_norm_sq.clamp_min_(L2_EPS**2), alpha=eps))
+        read_mean_sq = torch.linalg.vector_norm(read, dim=-1, keepdim=True).square_().div_(read.shape[-1])
+        scale = read_mean_sq.add_(query_norm_sq.clamp_min_(L2_EPS**2), alpha=eps).rsqrt_()
         ctx.save_for_backward(read, query, weight, gate, scale, unclamped)
         ctx.eps = eps
-        return read * scale * (weight * gate[:, None])
+        return (read * scale).mul_(weight * gate[:, None])
 
     @staticmethod
     def backward(ctx, out_grad):
         read, query, weight, gate, scale, unclamped = ctx.saved_tensors
+        per_channel = (out_grad * read).mul_(scale)
         weighted_grad = out_grad * (weight * gate[:, None])
         # d loss / d (mean(r^2) + eps |q|^2), through s = x^-1/2
         norm_grad = (weighted_grad * read).sum(-1, keepdim=True).mul_(scale.pow(3)).mul_(-0.5)
-        read_grad = (weighted_grad * scale).add_(read * norm_grad, alpha=2.0 / read.shape[-1])
+        read_grad = weighted_grad.mul_(scale).addcmul_(read, norm_grad, value=2.0 / read.shape[-1])
         query_grad = query * (norm_grad * unclamped).mul_(2.0 * ctx.eps)
-        per_channel = (out_grad * read * scale).sum((0, 1))  # [H, D]
+        per_channel = per_channel.sum((0, 1))  # [H, D]
         weight_grad = (per_channel * gate[:, None]).sum(0)
         gate_grad = (per_channel * weight).sum(-1)
         return read_grad, query_grad, weight_grad, gate_grad, None
