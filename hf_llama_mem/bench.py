@@ -22,7 +22,7 @@ from .modeling_llama_mem import CACHE_FIELD, LlamaMemForCausalLM
 
 FULL = dict(
     train=[2048, 8192],
-    train_repeats=2,
+    train_repeats=3,
     prefill=[16384, 32768],
     decode=[1024, 16384, 32768],
     window=1024,

@@ -17,9 +17,10 @@ sequentially across chunks; everything else is batched over all chunks at once.
 
 The backward is written by hand (`_ChunkedRule`). It mirrors the forward: the gradient of each chunk's end state runs
 back through the transposed state maps (the only sequential part), and then every other gradient is one batched
-product per term, with the triangular solve's gradient one more solve with the transposed system. It keeps only the
-inputs and the state at each chunk start, and recomputes the rest: autograd would keep every intermediate, several
-times the inputs, and on long inputs that memory traffic costs more than the arithmetic.
+product per term, with the triangular solve's gradient one more solve with the transposed system. It keeps what has
+one row per token (the inputs, the chunk-start states, the chunk terms) and recomputes the scores, which have one row
+per query head and token: autograd would keep those and every other intermediate, and on long inputs that memory
+traffic costs more than the arithmetic.
 
 Shape legend: B batch, T time, H key/value (memory) heads, HQ query heads (a multiple of H: a group of query heads
 reads the same memory), K key dim, V value dim. Layouts follow flash-linear-attention and transformers:
@@ -137,19 +138,18 @@ def chunk_gated_delta_rule(
 
 
 class _ChunkTerms:
-    """What the chunks derive from k, v, g and beta alone (module docstring); every tensor is [B, H, N, ...].
+    """What the chunks derive from k, v, g and beta alone (module docstring); every tensor is [B, H, N, ...]."""
 
-    The backward recomputes these rather than keeping them: they are several times the size of the inputs, and on
-    long inputs the memory traffic of keeping them costs more than the arithmetic of recomputing them.
-    """
+    # What the backward needs, kept from the forward: all of it has C rows per chunk, like the inputs.
+    KEPT = ("decay", "pair_decay", "k_beta", "key_products", "system", "solved", "to_end", "k_to_end", "transitions")
 
     def __init__(self, k, v, g, beta):
         chunk_size = k.shape[-2]
-        self.log_decay = g.cumsum(-1)  # d [C]: the log decay from the chunk start through each token
-        self.decay = self.log_decay.exp()
+        log_decay = g.cumsum(-1)  # d [C]: the log decay from the chunk start through each token
+        self.decay = log_decay.exp()
         causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=k.device).tril()
         # exp(d_i - d_j) for j <= i, else 0 [C, C]; masked before exp so that the upper triangle cannot overflow
-        pair_log_decay = self.log_decay[..., :, None] - self.log_decay[..., None, :]
+        pair_log_decay = log_decay[..., :, None] - log_decay[..., None, :]
         self.pair_decay = pair_log_decay.masked_fill_(~causal, -math.inf).exp_()
         self.k_beta = k * beta[..., None]
         self.key_products = self.k_beta @ k.transpose(-1, -2)  # (beta_i k_i) . k_j [C, C]
@@ -158,11 +158,23 @@ class _ChunkTerms:
         rhs = torch.cat([v * beta[..., None], self.k_beta * self.decay[..., None]], dim=-1)
         self.solved = torch.linalg.solve_triangular(self.system, rhs, upper=False, unitriangular=True)  # [U | W]
         self.values_part, self.keys_part = self.solved.split([v.shape[-1], k.shape[-1]], dim=-1)
-        self.to_end = (self.log_decay[..., -1:] - self.log_decay).exp()  # exp(d_C - d) [C]
+        self.to_end = (log_decay[..., -1:] - log_decay).exp()  # exp(d_C - d) [C]
         self.k_to_end = k * self.to_end[..., None]  # K', the keys decayed to the chunk end [C, K]
         # The state map between chunks: S_{n+1} = M S_n + K'^T U, with M = exp(d_C) I - K'^T W [K, K].
         self.transitions = -(self.k_to_end.transpose(-1, -2) @ self.keys_part)
         self.transitions.diagonal(dim1=-2, dim2=-1).add_(self.decay[..., -1:])
+
+    def kept(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.KEPT)
+
+    @classmethod
+    def restore(cls, kept: tuple) -> "_ChunkTerms":
+        terms = cls.__new__(cls)
+        terms.__dict__.update(zip(cls.KEPT, kept, strict=True))
+        terms.values_part, terms.keys_part = terms.solved.split(
+            [terms.solved.shape[-1] - terms.k_beta.shape[-1], terms.k_beta.shape[-1]], dim=-1
+        )
+        return terms
 
     def scores(self, q, k):
         """(q_i . k_j) exp(d_i - d_j) for j <= i, for every query row (group, position): [B, H, N, G * C, C]."""
@@ -195,8 +207,8 @@ class _ChunkedRule(torch.autograd.Function):
     """The chunked rule on chunk-major inputs, with a hand-written backward.
 
     q [B, H, N, G * C, K] (scaled; rows are (group, position)), k [B, H, N, C, K], v [B, H, N, C, V], g and beta
-    [B, H, N, C], state [B, H, K, V]. Returns the outputs [B, H, N, G * C, V] and the final state. Only the inputs
-    and the state at each chunk start are kept for the backward.
+    [B, H, N, C], state [B, H, K, V]. Returns the outputs [B, H, N, G * C, V] and the final state. The backward
+    keeps the state at each chunk start and what has C rows per chunk, and recomputes the query rows' scores.
     """
 
     @staticmethod
@@ -208,17 +220,16 @@ class _ChunkedRule(torch.autograd.Function):
         corrections = terms.values_part - terms.keys_part @ starts
         out = (q @ starts).mul_(terms.row_decay(q.shape[-2] // k.shape[-2]))
         out.view(-1, *out.shape[-2:]).baddbmm_(terms.scores(q, k).flatten(0, 2), corrections.flatten(0, 2))
-        ctx.save_for_backward(q, k, v, g, beta, starts)
+        ctx.save_for_backward(q, k, v, beta, starts, corrections, *terms.kept())
         return out, final_state
 
     @staticmethod
     def backward(ctx, out_grad, final_grad):
-        q, k, v, g, beta, starts = ctx.saved_tensors
+        q, k, v, beta, starts, corrections, *kept = ctx.saved_tensors
         out_grad = out_grad.contiguous()
         num_groups = q.shape[-2] // k.shape[-2]
-        terms = _ChunkTerms(k, v, g, beta)
-        scores = terms.scores(q, k)
-        corrections = terms.values_part - terms.keys_part @ starts
+        terms = _ChunkTerms.restore(kept)
+        scores = terms.scores(q, k)  # recomputed: G times the size of the kept terms
         row_decay = terms.row_decay(num_groups)
         decayed_q = q * row_decay
 
