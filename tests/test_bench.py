@@ -18,7 +18,9 @@ def test_peak_memory_sees_a_temporary_allocation():
 
 
 def test_benchmark_reports_every_measure_with_ratios(tmp_path):
-    settings = dict(train=[64], train_repeats=2, prefill=[128], decode=[64, 128], window=16, dims=TINY_DIMS)
+    settings = dict(
+        train=[64], train_repeats=2, prefill=[128], prefill_repeats=2, decode=[64, 128], window=16, dims=TINY_DIMS
+    )
     lines = []
     results = run_benchmark(settings, lines.append)
     metrics = [row["metric"] for row in results["rows"]]
