@@ -31,6 +31,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["chunk_gated_delta_rule", "recurrent_gated_delta_rule"]
 
@@ -224,6 +225,7 @@ class _ChunkedRule(torch.autograd.Function):
         return out, final_state
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, out_grad, final_grad):
         q, k, v, beta, starts, corrections, scores, *kept = ctx.saved_tensors
         out_grad = out_grad.contiguous()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -221,6 +222,7 @@ class _ReadNorm(torch.autograd.Function):
         return (read * scale).mul_(weight * gate[:, None])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, out_grad):
         read, query, weight, gate, scale, unclamped = ctx.saved_tensors
         per_channel = (out_grad * read).mul_(scale)
