@@ -335,6 +335,8 @@ class LlamaMemMemory(nn.Module):
         state = None
         if layer_cache is not None and layer_cache.is_recurrent_states_initialized[0]:
             state = layer_cache.recurrent_states[0]
+        if layer_cache is not None and length == 1:
+            return self.decode_read(query, window_entries, cached, layer_cache, state)
         # With a cache the final state must include the token that leaves at the last step: one more stream entry,
         # read by a zero query.
         stream_length = length + (layer_cache is not None)
@@ -361,6 +363,26 @@ class LlamaMemMemory(nn.Module):
         if layer_cache is not None:
             layer_cache.update_recurrent_state(final_state)
         return self.read_norm(read[:, :length], memory_query[:, :length], self.gate)
+
+    def decode_read(self, query, window_entries, cached, layer_cache, state) -> torch.Tensor:
+        """`read` for one new token with a cache (a decode step): read S, then fold in the token that leaves the
+        window now, if the window is full. The same as the general path, which would run the reference recurrence
+        over a no-op and that token, in a few products instead of a few dozen small ops per layer."""
+        batch, num_q_heads, _, head_dim = query.shape
+        num_heads = window_entries.shape[1]
+        if state is None:
+            state = query.new_zeros(batch, num_heads, head_dim, head_dim, dtype=torch.float32)
+        memory_query = query.float().view(batch, num_heads, num_q_heads // num_heads, head_dim)
+        read = memory_query @ state  # [B, Hkv, G, D]
+        if cached == self.window - 1:
+            leaving = window_entries[:, :, 0].float()  # [B, Hkv, 2D + 2]
+            value, key, g, beta = leaving.split([head_dim, head_dim, 1, 1], dim=-1)
+            state = state * g.exp()[..., None]
+            correction = beta * (value - (key[:, :, None] @ state)[:, :, 0])  # [B, Hkv, D]
+            state = state + key[..., None] * correction[..., None, :]
+        layer_cache.update_recurrent_state(state)
+        shape = (batch, 1, num_q_heads, head_dim)
+        return self.read_norm(read.view(shape), memory_query.view(shape), self.gate)
 
 
 class LlamaMemAttention(nn.Module):
