@@ -96,7 +96,7 @@ def recurrent_gated_delta_rule(
         outputs.append(q[:, :, :, t] @ state)  # [B, H, G, V]
     out = torch.stack(outputs, dim=3) if outputs else q.new_zeros(*q.shape[:-1], v.shape[-1])
     # [B, H, G, T, V] -> [B, T, HQ, V]
-    out = out.permute(0, 3, 1, 2, 4).reshape(batch, length, num_q_heads, -1)
+    out = out.permute(0, 3, 1, 2, 4).reshape(batch, length, num_q_heads, v.shape[-1])
     return out, (state if output_final_state else None)
 
 
@@ -201,7 +201,8 @@ def _linear_scan(transitions, inputs, state, reverse=False):
     for n in reversed(range(len(steps))) if reverse else range(len(steps)):
         entered[n] = x
         x = torch.baddbmm(steps[n][1], steps[n][0], x)
-    return torch.stack(entered, dim=1).view_as(inputs), x.view_as(state)
+    starts = torch.stack(entered, dim=1).view_as(inputs) if entered else torch.empty_like(inputs)
+    return starts, x.view_as(state)
 
 
 class _ChunkedRule(torch.autograd.Function):

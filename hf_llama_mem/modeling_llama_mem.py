@@ -341,16 +341,22 @@ class LlamaMemMemory(nn.Module):
         # read by a zero query.
         stream_length = length + (layer_cache is not None)
         no_ops = min(self.window - cached, stream_length)
-        stream = F.pad(window_entries[:, :, : stream_length - no_ops], (0, 0, no_ops, 0)).transpose(1, 2)
-        value, key, g, beta = stream.split([self.head_dim, self.head_dim, 1, 1], dim=-1)
+        entries = window_entries[:, :, : stream_length - no_ops].transpose(1, 2)
         # The query's L2 normalisation is folded into the read norm (MemoryReadRMSNorm).
         memory_query = query.transpose(1, 2).float()
-        if stream_length > length:
-            memory_query = F.pad(memory_query, (0, 0, 0, 0, 0, stream_length - length))
-        op_kwargs = {"chunk_size": self.chunk_size} if stream_length > 2 else {}
-        op = chunk_gated_delta_rule if stream_length > 2 else recurrent_gated_delta_rule
+        read_query = F.pad(memory_query, (0, 0, 0, 0, 0, stream_length - length))
+        if state is None:
+            # Until the first write the memory is empty and every read is exactly zero (and depends on nothing):
+            # the op starts at the first write, which on a fresh input of 2W tokens halves it.
+            skipped, read_query = no_ops, read_query[:, no_ops:]
+        else:
+            skipped, entries = 0, F.pad(entries, (0, 0, 0, 0, no_ops, 0))
+        value, key, g, beta = entries.split([self.head_dim, self.head_dim, 1, 1], dim=-1)
+        op_length = read_query.shape[1]
+        op_kwargs = {"chunk_size": self.chunk_size} if op_length > 2 else {}
+        op = chunk_gated_delta_rule if op_length > 2 else recurrent_gated_delta_rule
         read, final_state = op(
-            memory_query,
+            read_query,
             key,
             value,
             g=g[..., 0],
@@ -362,7 +368,9 @@ class LlamaMemMemory(nn.Module):
         )
         if layer_cache is not None:
             layer_cache.update_recurrent_state(final_state)
-        return self.read_norm(read[:, :length], memory_query[:, :length], self.gate)
+        skipped = min(skipped, length)
+        read = F.pad(read[:, : length - skipped], (0, 0, 0, 0, skipped, 0))
+        return self.read_norm(read, memory_query, self.gate)
 
     def decode_read(self, query, window_entries, cached, layer_cache, state) -> torch.Tensor:
         """`read` for one new token with a cache (a decode step): read S, then fold in the token that leaves the

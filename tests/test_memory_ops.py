@@ -105,3 +105,10 @@ def test_query_heads_must_be_a_multiple_of_key_heads():
     q, k, v, g, beta, _ = make_inputs(4, heads=2, groups=1)
     with pytest.raises(ValueError, match="multiple of key heads"):
         chunk_gated_delta_rule(q[:, :, :1].expand(-1, -1, 3, -1), k, v, g=g, beta=beta)
+
+
+@pytest.mark.parametrize("op", [recurrent_gated_delta_rule, chunk_gated_delta_rule])
+def test_empty_input_gives_empty_output_and_the_initial_state(op):
+    q, k, v, g, beta, h0 = make_inputs(0)
+    out, state = run(op, q, k, v, g, beta, h0)
+    assert out.shape == (2, 0, 4, 6) and torch.equal(state, h0)
