@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["chunk_gated_delta_rule", "recurrent_gated_delta_rule"]
+__all__ = ["chunk_gated_delta_rule", "gated_delta_write", "recurrent_gated_delta_rule"]
 
 
 def _op_settings(q, k, scale):
@@ -63,6 +63,14 @@ def _initial_state(initial_state, k, v):
     return initial_state.to(k.dtype)
 
 
+def gated_delta_write(state, key, value, g, beta) -> torch.Tensor:
+    """One token's write: S <- exp(g) S, then S <- S + beta k (v - S^T k)^T. state [B, H, K, V], key [B, H, K],
+    value [B, H, V], g and beta [B, H]. The step of the reference recurrence, and of the model's decode step."""
+    state = state * g[..., None, None].exp()
+    correction = beta[..., None] * (value - (key[..., None, :] @ state)[..., 0, :])  # [B, H, V]
+    return state + key[..., :, None] * correction[..., None, :]
+
+
 def recurrent_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -88,11 +96,8 @@ def recurrent_gated_delta_rule(
     q, k, v, g, beta = _to_heads_first(q, k, v, g, beta, scale)
     state = _initial_state(initial_state, k, v)
     outputs = []
-    for t in range(length):  # matmul rather than einsum: this loop is also the decode step, where overhead counts
-        key = k[:, :, t, None, :]  # [B, H, 1, K]
-        state = state * g[:, :, t, None, None].exp()
-        correction = beta[:, :, t, None, None] * (v[:, :, t, None, :] - key @ state)  # [B, H, 1, V]
-        state = state + key.transpose(-1, -2) @ correction
+    for t in range(length):
+        state = gated_delta_write(state, k[:, :, t], v[:, :, t], g[:, :, t], beta[:, :, t])
         outputs.append(q[:, :, :, t] @ state)  # [B, H, G, V]
     out = torch.stack(outputs, dim=3) if outputs else q.new_zeros(*q.shape[:-1], v.shape[-1])
     # [B, H, G, T, V] -> [B, T, HQ, V]
@@ -158,7 +163,6 @@ class _ChunkTerms:
         self.system.diagonal(dim1=-2, dim2=-1).add_(1.0)
         rhs = torch.cat([v * beta[..., None], self.k_beta * self.decay[..., None]], dim=-1)
         self.solved = torch.linalg.solve_triangular(self.system, rhs, upper=False, unitriangular=True)  # [U | W]
-        self.values_part, self.keys_part = self.solved.split([v.shape[-1], k.shape[-1]], dim=-1)
         self.to_end = (log_decay[..., -1:] - log_decay).exp()  # exp(d_C - d) [C]
         self.k_to_end = k * self.to_end[..., None]  # K', the keys decayed to the chunk end [C, K]
         # The state map between chunks: S_{n+1} = M S_n + K'^T U, with M = exp(d_C) I - K'^T W [K, K].
@@ -172,10 +176,15 @@ class _ChunkTerms:
     def restore(cls, kept: tuple) -> "_ChunkTerms":
         terms = cls.__new__(cls)
         terms.__dict__.update(zip(cls.KEPT, kept, strict=True))
-        terms.values_part, terms.keys_part = terms.solved.split(
-            [terms.solved.shape[-1] - terms.k_beta.shape[-1], terms.k_beta.shape[-1]], dim=-1
-        )
         return terms
+
+    @property
+    def values_part(self):  # U [C, V]
+        return self.solved[..., : -self.k_beta.shape[-1]]
+
+    @property
+    def keys_part(self):  # W [C, K]
+        return self.solved[..., -self.k_beta.shape[-1] :]
 
     def scores(self, q, k):
         """(q_i . k_j) exp(d_i - d_j) for j <= i, for every query row (group, position): [B, H, N, G * C, C]."""

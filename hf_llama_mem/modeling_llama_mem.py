@@ -34,7 +34,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import logging
 
 from .configuration_llama_mem import LlamaMemConfig
-from .memory_ops import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from .memory_ops import chunk_gated_delta_rule, gated_delta_write, recurrent_gated_delta_rule
 
 __all__ = ["LlamaMemForCausalLM", "LlamaMemModel", "LlamaMemPreTrainedModel"]
 
@@ -344,7 +344,9 @@ class LlamaMemMemory(nn.Module):
         entries = window_entries[:, :, : stream_length - no_ops].transpose(1, 2)
         # The query's L2 normalisation is folded into the read norm (MemoryReadRMSNorm).
         memory_query = query.transpose(1, 2).float()
-        read_query = F.pad(memory_query, (0, 0, 0, 0, 0, stream_length - length))
+        read_query = memory_query
+        if stream_length > length:
+            read_query = F.pad(memory_query, (0, 0, 0, 0, 0, stream_length - length))
         if state is None:
             # Until the first write the memory is empty and every read is exactly zero (and depends on nothing):
             # the op starts at the first write, which on a fresh input of 2W tokens halves it.
@@ -368,14 +370,13 @@ class LlamaMemMemory(nn.Module):
         )
         if layer_cache is not None:
             layer_cache.update_recurrent_state(final_state)
-        skipped = min(skipped, length)
-        read = F.pad(read[:, : length - skipped], (0, 0, 0, 0, skipped, 0))
+        read = F.pad(read, (0, 0, 0, 0, skipped, 0))[:, :length]
         return self.read_norm(read, memory_query, self.gate)
 
     def decode_read(self, query, window_entries, cached, layer_cache, state) -> torch.Tensor:
         """`read` for one new token with a cache (a decode step): read S, then fold in the token that leaves the
-        window now, if the window is full. The same as the general path, which would run the reference recurrence
-        over a no-op and that token, in a few products instead of a few dozen small ops per layer."""
+        window now, if the window is full: the general path's result (the reference recurrence over a no-op and that
+        token) in a few products instead of a few dozen small ops per layer."""
         batch, num_q_heads, _, head_dim = query.shape
         num_heads = window_entries.shape[1]
         if state is None:
@@ -385,9 +386,7 @@ class LlamaMemMemory(nn.Module):
         if cached == self.window - 1:
             leaving = window_entries[:, :, 0].float()  # [B, Hkv, 2D + 2]
             value, key, g, beta = leaving.split([head_dim, head_dim, 1, 1], dim=-1)
-            state = state * g.exp()[..., None]
-            correction = beta * (value - (key[:, :, None] @ state)[:, :, 0])  # [B, Hkv, D]
-            state = state + key[..., None] * correction[..., None, :]
+            state = gated_delta_write(state, key, value, g[..., 0], beta[..., 0])
         layer_cache.update_recurrent_state(state)
         shape = (batch, 1, num_q_heads, head_dim)
         return self.read_norm(read.view(shape), memory_query.view(shape), self.gate)
