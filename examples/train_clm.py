@@ -160,6 +160,11 @@ def main(argv=None) -> dict:
         with open(os.path.join(args.output_dir, "train_results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
         print(json.dumps(results, indent=2))
+    if torch.distributed.is_initialized():
+        # All ranks leave together: a rank that exits while another still writes the model aborts in the process
+        # group's teardown (seen as SIGABRT under `accelerate launch`).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return results
 
 
