@@ -33,6 +33,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils import logging
 
+from .causal_lm_loss import causal_lm_loss
 from .configuration_llama_mem import LlamaMemConfig
 from .memory_ops import chunk_gated_delta_rule, gated_delta_write, recurrent_gated_delta_rule
 
@@ -747,6 +748,16 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    @property
+    def loss_function(self) -> Callable:
+        """transformers' causal-LM loss, computed without full-size log-probabilities (causal_lm_loss.py); setting
+        `model.loss_function` replaces it, as for any transformers model."""
+        return getattr(self, "_loss_function", causal_lm_loss)
+
+    @loss_function.setter
+    def loss_function(self, value: Callable) -> None:
+        self._loss_function = value
 
     @classmethod
     def from_llama(cls, source, **config_overrides) -> "LlamaMemForCausalLM":

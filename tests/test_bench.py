@@ -27,6 +27,7 @@ def test_benchmark_reports_every_measure_with_ratios(tmp_path):
     assert metrics[-1].startswith("training MFU % @ 64 (model FLOPs over a measured")
     assert metrics[:-1] == [
         "train tokens/s @ 64",
+        "train tokens/s @ 64, Llama with LlamaMem's loss",
         "decode ms/token @ 64",
         "cache MB @ 64",
         "prefill tokens/s @ 128",

@@ -48,7 +48,13 @@ def environment_without_package(root) -> str:
 def test_saved_folder_is_flat_and_names_all_auto_classes(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
-    assert {"configuration_llama_mem.py", "modeling_llama_mem.py", "memory_ops.py", "model.safetensors"} <= files
+    assert {
+        "configuration_llama_mem.py",
+        "modeling_llama_mem.py",
+        "memory_ops.py",
+        "causal_lm_loss.py",
+        "model.safetensors",
+    } <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
 

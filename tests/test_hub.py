@@ -73,6 +73,7 @@ def test_push_to_hub_uploads_weights_code_config_and_card_with_results(tmp_path,
     assert sorted(os.listdir(uploads)) == sorted(
         [
             "README.md",
+            "causal_lm_loss.py",
             "config.json",
             "configuration_llama_mem.py",
             "convert_llama.py",
@@ -86,7 +87,7 @@ def test_push_to_hub_uploads_weights_code_config_and_card_with_results(tmp_path,
     config = json.loads((uploads / "config.json").read_text())
     assert config["model_type"] == "llama_mem"
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
-    for code in ("configuration_llama_mem.py", "modeling_llama_mem.py", "memory_ops.py"):
+    for code in ("configuration_llama_mem.py", "modeling_llama_mem.py", "memory_ops.py", "causal_lm_loss.py"):
         assert (uploads / code).read_text() == (tmp_path / "trained" / code).read_text()
     card = load_card(uploads)
     assert "# someone/llama-mem-tiny" in card.text
