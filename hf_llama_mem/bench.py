@@ -212,7 +212,14 @@ def matmul_peak_flops(size=2048, repeats=5):
 def run_benchmark(settings: dict, report: Callable[[str], None] = lambda line: None) -> dict:
     """Measure everything in `settings` (FULL or QUICK); `report` receives each markdown table line as it comes."""
     models = build(settings)
-    results = {"settings": settings, "matmul_peak_gflops": matmul_peak_flops() / 1e9, "rows": []}
+    results = {
+        "settings": settings,
+        # glibc malloc tunables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) change how often freed memory is
+        # faulted in again, which on some machines costs a third of a long training step: recorded with the figures.
+        "malloc_environment": {name: value for name, value in os.environ.items() if name.startswith("MALLOC_")},
+        "matmul_peak_gflops": matmul_peak_flops() / 1e9,
+        "rows": [],
+    }
 
     def add(metric, values, higher_is_better):
         ratio = values["llama_mem"] / values["llama"]

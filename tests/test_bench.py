@@ -40,6 +40,7 @@ def test_benchmark_reports_every_measure_with_ratios(tmp_path):
     cache_128 = next(r for r in results["rows"] if r["metric"] == "cache MB @ 128")
     assert cache_128["llama_mem"] < cache_128["llama"]  # a 16-token window plus memory vs 128 tokens of keys/values
     assert results["own_decode_ratio"] > 0 and results["train_mfu"] > 0
+    assert isinstance(results["malloc_environment"], dict)
     write_results(results, str(tmp_path / "bench.json"), lines)
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == results["rows"]
     assert (tmp_path / "bench.md").read_text().splitlines() == lines
