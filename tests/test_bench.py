@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+from transformers import DynamicCache
 
-from hf_llama_mem.bench import PeakMemory, run_benchmark, write_results
+from hf_llama_mem.bench import PeakMemory, decode_ms, run_benchmark, write_results
+from hf_llama_mem.modeling_llama_mem import CACHE_FIELD
 
-from .helpers import TINY_DIMS
+from .helpers import TINY_DIMS, tiny_model
 
 
 def test_peak_memory_sees_a_temporary_allocation():
@@ -51,11 +53,19 @@ def test_training_flops_count_weights_that_multiply_and_attended_keys():
 
     from hf_llama_mem.bench import train_flops_per_token
 
-    from .helpers import tiny_model
-
     memory_model, llama = tiny_model(), LlamaForCausalLM(LlamaConfig(**TINY_DIMS))
     hidden, layers, embedding = TINY_DIMS["hidden_size"], TINY_DIMS["num_hidden_layers"], 256 * 64
     for model, mean_attended in ((llama, (32 + 1) / 2), (memory_model, (sum(range(1, 9)) + 8 * 24) / 32)):
         params = sum(p.numel() for p in model.parameters()) - embedding
         expected = 6 * params + 12 * layers * hidden * mean_attended
         assert train_flops_per_token(model, 32) == pytest.approx(expected)
+
+
+def test_decode_steps_every_entry_in_turns_and_reports_each_median():
+    model = tiny_model()
+    caches = {length: DynamicCache(config=model.config) for length in (5, 30)}
+    for length, cache in caches.items():
+        model(torch.randint(0, 256, (1, length)), use_cache=True, **{CACHE_FIELD: cache})
+    times = decode_ms({length: (model, cache) for length, cache in caches.items()}, steps=3)
+    assert set(times) == {5, 30} and all(ms > 0 for ms in times.values())
+    assert [cache.get_seq_length() for cache in caches.values()] == [9, 34]  # a warm-up step and 3 timed ones each
