@@ -741,6 +741,9 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
         self.model = LlamaMemModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # transformers' causal-LM loss, computed without full-size log-probabilities (causal_lm_loss.py), through
+        # PreTrainedModel's own loss_function setter: assigning another replaces it, as for any transformers model.
+        self.loss_function = causal_lm_loss
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -748,16 +751,6 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
-
-    @property
-    def loss_function(self) -> Callable:
-        """transformers' causal-LM loss, computed without full-size log-probabilities (causal_lm_loss.py); setting
-        `model.loss_function` replaces it, as for any transformers model."""
-        return getattr(self, "_loss_function", causal_lm_loss)
-
-    @loss_function.setter
-    def loss_function(self, value: Callable) -> None:
-        self._loss_function = value
 
     @classmethod
     def from_llama(cls, source, **config_overrides) -> "LlamaMemForCausalLM":
