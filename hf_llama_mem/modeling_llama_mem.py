@@ -185,8 +185,10 @@ L2_EPS = 1e-6
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """L2 normalisation over the last dim in float32 (the convention of the delta-rule kernels)."""
-    return F.normalize(x.float(), p=2.0, dim=-1, eps=L2_EPS)
+    """L2 normalisation over the last dim in float32 (the convention of the delta-rule kernels): F.normalize's
+    arithmetic, without the Python layers of F.normalize and Tensor.norm, which cost more than it in a decode step."""
+    x = x.float()
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(L2_EPS)
 
 
 class MemoryReadRMSNorm(nn.Module):
@@ -205,22 +207,33 @@ class MemoryReadRMSNorm(nn.Module):
 
     def forward(self, read: torch.Tensor, query: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """read, query [B, T, H, D] float32; gate [H]."""
-        return _ReadNorm.apply(read, query, self.weight, gate, self.eps)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (read, query, self.weight, gate)):
+            return _ReadNorm.apply(read, query, self.weight, gate, self.eps)
+        # Nothing to differentiate (prefill, decode): the same arithmetic without an autograd Function's overhead,
+        # which in a decode step costs more than the arithmetic.
+        return read_norm_forward(read, query, self.weight, gate, self.eps)[0]
+
+
+def read_norm_forward(read, query, weight, gate, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out = r * s * (weight gate) with s = (mean(r^2) + eps max(|q|^2, L2_EPS^2))^-1/2, per row of [B, T, H, D].
+    Returns out, s and where |q|^2 was above the floor (what the backward needs)."""
+    # Norms as reductions and products in place: on long inputs every full-size temporary costs.
+    query_norm_sq = torch.linalg.vector_norm(query, dim=-1, keepdim=True).square_()
+    unclamped = query_norm_sq > L2_EPS**2
+    read_mean_sq = torch.linalg.vector_norm(read, dim=-1, keepdim=True).square_().div_(read.shape[-1])
+    scale = read_mean_sq.add_(query_norm_sq.clamp_min_(L2_EPS**2), alpha=eps).rsqrt_()
+    return (read * scale).mul_(weight * gate[:, None]), scale, unclamped
 
 
 class _ReadNorm(torch.autograd.Function):
-    """out = r * s * (weight gate) with s = (mean(r^2) + eps max(|q|^2, L2_EPS^2))^-1/2, per row of [B, T, H, D]."""
+    """`read_norm_forward` with its backward written out."""
 
     @staticmethod
     def forward(ctx, read, query, weight, gate, eps):
-        # Norms as reductions and products in place: on long inputs every full-size temporary costs.
-        query_norm_sq = torch.linalg.vector_norm(query, dim=-1, keepdim=True).square_()
-        unclamped = query_norm_sq > L2_EPS**2
-        read_mean_sq = torch.linalg.vector_norm(read, dim=-1, keepdim=True).square_().div_(read.shape[-1])
-        scale = read_mean_sq.add_(query_norm_sq.clamp_min_(L2_EPS**2), alpha=eps).rsqrt_()
+        out, scale, unclamped = read_norm_forward(read, query, weight, gate, eps)
         ctx.save_for_backward(read, query, weight, gate, scale, unclamped)
         ctx.eps = eps
-        return (read * scale).mul_(weight * gate[:, None])
+        return out
 
     @staticmethod
     @once_differentiable
@@ -307,7 +320,7 @@ class LlamaMemMemory(nn.Module):
         padded = torch.cat([previous, conv_input], dim=-1)
         if length <= SHORT_CONV_LENGTH:  # decode: a weighted sum of the taps beats a convolution call
             windows = padded.unfold(-1, taps + 1, 1)  # [B, C, T, taps + 1]
-            memory_key = (windows * self.key_conv.weight[:, 0, None, :]).sum(-1)
+            memory_key = (windows * self.key_conv.weight).sum(-1)  # weight [C, 1, taps + 1]
         else:
             memory_key = self.key_conv(padded)
         if layer_cache is not None and taps > 0:

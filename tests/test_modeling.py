@@ -148,8 +148,8 @@ def test_save_and_load_round_trip_gives_identical_logits(tmp_path, rule):
 
 
 def test_read_norm_of_raw_query_equals_rms_norm_of_normalised_query_read():
-    """The fused read norm equals the definition, RMSNorm(S^T (q / |q|)) * gate per head, in value and gradient;
-    also for a query below the normalisation's floor."""
+    """The fused read norm equals the definition, RMSNorm(S^T (q / |q|)) * gate per head, in value and gradient
+    (and without gradients, exactly its value with them); also for a query below the normalisation's floor."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from hf_llama_mem.modeling_llama_mem import L2_EPS, MemoryReadRMSNorm
@@ -167,6 +167,8 @@ def test_read_norm_of_raw_query_equals_rms_norm_of_normalised_query_read():
         out = fused(read, query, gate)
         expected = reference(torch.einsum("bthk,bhkv->bthv", unit_query, state)) * gate[:, None]
         assert_close(out, expected, 1e-5, "read norm")
+        with torch.no_grad():  # the path without an autograd Function: the same arithmetic
+            assert torch.equal(fused(read, query, gate), out)
         weight = torch.randn_like(out)
         inputs = (query, state, gate)
         grads = torch.autograd.grad((out * weight).sum(), (*inputs, fused.weight))
