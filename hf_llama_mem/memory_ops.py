@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["chunk_gated_delta_rule", "gated_delta_write", "recurrent_gated_delta_rule"]
+__all__ = ["chunk_gated_delta_rule", "gated_delta_write", "gated_delta_write_", "recurrent_gated_delta_rule"]
 
 
 def _op_settings(q, k, scale):
@@ -71,6 +71,17 @@ def gated_delta_write(state, key, value, g, beta) -> torch.Tensor:
     # bound by their count, not by arithmetic).
     correction = torch.addcmul(value, decay, (key[..., None, :] @ state)[..., 0, :], value=-1) * beta[..., None]
     return torch.addcmul(state * decay[..., None], key[..., :, None], correction[..., None, :])
+
+
+def gated_delta_write_(state, key, value, g, beta) -> torch.Tensor:
+    """`gated_delta_write` in place in `state` (contiguous), for a decode step without gradients: no new S and fewer
+    small ops, which is what a decode step is bound by. Returns `state`."""
+    states = state.view(-1, *state.shape[-2:])  # [B H, K, V]
+    keys = key.reshape(-1, 1, key.shape[-1])  # [B H, 1, K]
+    decay = g.exp().reshape(-1, 1, 1)
+    correction = torch.addcmul(value.reshape(-1, 1, value.shape[-1]), decay, torch.bmm(keys, states), value=-1)
+    states.mul_(decay).baddbmm_(keys.transpose(1, 2), correction.mul_(beta.reshape(-1, 1, 1)))
+    return state
 
 
 def recurrent_gated_delta_rule(

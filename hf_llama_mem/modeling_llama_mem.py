@@ -35,7 +35,7 @@ from transformers.utils import logging
 
 from .causal_lm_loss import causal_lm_loss
 from .configuration_llama_mem import LlamaMemConfig
-from .memory_ops import chunk_gated_delta_rule, gated_delta_write, recurrent_gated_delta_rule
+from .memory_ops import chunk_gated_delta_rule, gated_delta_write_, recurrent_gated_delta_rule
 
 __all__ = ["LlamaMemForCausalLM", "LlamaMemModel", "LlamaMemPreTrainedModel"]
 
@@ -383,25 +383,27 @@ class LlamaMemMemory(nn.Module):
             **op_kwargs,
         )
         if layer_cache is not None:
-            layer_cache.update_recurrent_state(final_state)
+            layer_cache.update_recurrent_state(final_state.contiguous())  # decode updates it in place, as a view
         read = F.pad(read, (0, 0, 0, 0, skipped, 0))[:, :length]
         return self.read_norm(read, memory_query, self.gate)
 
     def decode_read(self, query, window_entries, cached, layer_cache, state) -> torch.Tensor:
         """`read` for one new token with a cache (a decode step): read S, then fold in the token that leaves the
         window now, if the window is full: the general path's result (the reference recurrence over a no-op and that
-        token) in a few products instead of a few dozen small ops per layer."""
+        token) in a few products instead of a few dozen small ops per layer. S is updated in place in the cache, where
+        `update_recurrent_state` would copy it (cached forwards are for inference: a backward through several of them
+        already failed on the cache's in-place copies)."""
         batch, num_q_heads, _, head_dim = query.shape
         num_heads = window_entries.shape[1]
         if state is None:
-            state = query.new_zeros(batch, num_heads, head_dim, head_dim, dtype=torch.float32)
-        memory_query = query.float().view(batch, num_heads, num_q_heads // num_heads, head_dim)
-        read = memory_query @ state  # [B, Hkv, G, D]
+            empty = query.new_zeros(batch, num_heads, head_dim, head_dim, dtype=torch.float32)
+            state = layer_cache.update_recurrent_state(empty)
+        memory_query = query.float().view(batch * num_heads, num_q_heads // num_heads, head_dim)
+        read = torch.bmm(memory_query, state.view(batch * num_heads, head_dim, head_dim))  # [B Hkv, G, D]
         if cached == self.window - 1:
             leaving = window_entries[:, :, 0].float()  # [B, Hkv, 2D + 2]
             value, key, g, beta = leaving.split([head_dim, head_dim, 1, 1], dim=-1)
-            state = gated_delta_write(state, key, value, g[..., 0], beta[..., 0])
-        layer_cache.update_recurrent_state(state)
+            gated_delta_write_(state, key, value, g, beta)
         shape = (batch, 1, num_q_heads, head_dim)
         return self.read_norm(read.view(shape), memory_query.view(shape), self.gate)
 

@@ -45,6 +45,17 @@ def test_forward_equals_prefill_plus_decode(attn, rule, splits):
     assert_close(incremental, full, 1e-4, "logits")
 
 
+def test_decode_with_gradients_recorded_computes_the_same():
+    """The decode step updates the memory in place; a forward that records gradients must still compute the same."""
+    model = tiny_model()
+    ids = torch.randint(1, 256, (1, 30))
+    with torch.no_grad():
+        expected, _ = incremental_logits(model, ids, [12])
+    recorded, _ = incremental_logits(model, ids, [12])
+    assert recorded.requires_grad
+    assert_close(recorded, expected, 1e-6, "logits")
+
+
 def test_both_cache_keywords_carry_the_memory():
     model = tiny_model()
     ids = torch.randint(1, 256, (1, 40))

@@ -2,7 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_llama_mem.memory_ops import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from hf_llama_mem.memory_ops import (
+    chunk_gated_delta_rule,
+    gated_delta_write,
+    gated_delta_write_,
+    recurrent_gated_delta_rule,
+)
 
 from .helpers import assert_close
 
@@ -112,3 +117,15 @@ def test_empty_input_gives_empty_output_and_the_initial_state(op):
     q, k, v, g, beta, h0 = make_inputs(0)
     out, state = run(op, q, k, v, g, beta, h0)
     assert out.shape == (2, 0, 4, 6) and torch.equal(state, h0)
+
+
+def test_in_place_write_equals_the_reference_step():
+    """The decode step's in-place write (on the cache's S) equals the reference recurrence's step."""
+    torch.manual_seed(0)
+    state = torch.randn(3, 2, 8, 8)
+    key = F.normalize(torch.randn(3, 2, 8), dim=-1)
+    value, g, beta = torch.randn(3, 2, 8), -torch.rand(3, 2), torch.rand(3, 2)
+    expected = gated_delta_write(state, key, value, g, beta)
+    written = state.clone()
+    assert gated_delta_write_(written, key, value, g[..., None], beta[..., None]) is written
+    assert_close(written, expected, 1e-6, "state")
