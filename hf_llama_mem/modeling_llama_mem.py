@@ -342,8 +342,9 @@ class LlamaMemMemory(nn.Module):
         """Memory read for every query: [B, T, H, D] in float32, normed and gated.
 
         query: pre-RoPE [B, H, T, D]. window_entries: [B, Hkv, cached + T, 2D + 2], the cached window followed by
-        this call's tokens. The read at step t sees exactly the tokens j <= t - W: in the stream of tokens leaving the
-        window, front-padded with no-op writes, the read at t comes after the writes of the t + 1 entries before it.
+        this call's tokens (without a cache, at least the first T - W of them: only those leave the window). The read
+        at step t sees exactly the tokens j <= t - W: in the stream of tokens leaving the window, front-padded with
+        no-op writes, the read at t comes after the writes of the t + 1 entries before it.
         """
         length = query.shape[2]
         state = None
@@ -358,15 +359,15 @@ class LlamaMemMemory(nn.Module):
         entries = window_entries[:, :, : stream_length - no_ops].transpose(1, 2)
         # The query's L2 normalisation is folded into the read norm (MemoryReadRMSNorm).
         memory_query = query.transpose(1, 2).float()
-        read_query = memory_query
-        if stream_length > length:
-            read_query = F.pad(memory_query, (0, 0, 0, 0, 0, stream_length - length))
-        if state is None:
-            # Until the first write the memory is empty and every read is exactly zero (and depends on nothing):
-            # the op starts at the first write, which on a fresh input of 2W tokens halves it.
-            skipped, read_query = no_ops, read_query[:, no_ops:]
-        else:
-            skipped, entries = 0, F.pad(entries, (0, 0, 0, 0, no_ops, 0))
+        # Until the first write the memory is empty and every read is exactly zero (and depends on nothing): the op
+        # and the norm start at the first write, which on a fresh input of 2W tokens halves them.
+        skipped = min(no_ops, length) if state is None else 0
+        reading = memory_query[:, skipped:]  # the queries whose reads can be nonzero
+        if state is not None:
+            entries = F.pad(entries, (0, 0, 0, 0, no_ops, 0))
+        read_query = reading
+        if entries.shape[1] > reading.shape[1]:  # zero queries for the entries after the last token (a cache's)
+            read_query = F.pad(reading, (0, 0, 0, 0, 0, entries.shape[1] - reading.shape[1]))
         value, key, g, beta = entries.split([self.head_dim, self.head_dim, 1, 1], dim=-1)
         op_length = read_query.shape[1]
         op_kwargs = {"chunk_size": self.chunk_size} if op_length > 2 else {}
@@ -384,8 +385,8 @@ class LlamaMemMemory(nn.Module):
         )
         if layer_cache is not None:
             layer_cache.update_recurrent_state(final_state.contiguous())  # decode updates it in place, as a view
-        read = F.pad(read, (0, 0, 0, 0, skipped, 0))[:, :length]
-        return self.read_norm(read, memory_query, self.gate)
+        normed = self.read_norm(read[:, : reading.shape[1]], reading, self.gate)
+        return F.pad(normed, (0, 0, 0, 0, skipped, 0)) if skipped else normed
 
     def decode_read(self, query, window_entries, cached, layer_cache, state) -> torch.Tensor:
         """`read` for one new token with a cache (a decode step): read S, then fold in the token that leaves the
@@ -448,7 +449,16 @@ class LlamaMemAttention(nn.Module):
 
         stored = value
         if self.memory is not None:
-            stored = self.memory("write", hidden_states, key, value, view.token_valid, memory_cache)
+            # A token is written into the memory when it leaves the window. With a cache every token will (its entry
+            # waits in the cache window); without one only the first T - W tokens do, and only theirs are computed.
+            writes, token_valid = (hidden_states, key, value), view.token_valid
+            if layer_cache is None and length > view.window:
+                leaving = length - view.window
+                writes = tuple(x[..., :leaving, :] for x in writes)  # each [..., T, dim]
+                token_valid = None if token_valid is None else token_valid[:, :leaving]
+            entries = self.memory("write", *writes, token_valid, memory_cache)
+            if layer_cache is not None:
+                stored = entries
         cos, sin = position_embeddings
         rotated_query, rotated_key = apply_rotary_pos_emb(query, key, cos, sin)
         if layer_cache is not None:
@@ -467,7 +477,8 @@ class LlamaMemAttention(nn.Module):
             scaling=self.scaling,
         )
         if self.memory is not None:
-            read = self.memory("read", query, stored, view.cached, memory_cache)
+            window_entries = stored if layer_cache is not None else entries
+            read = self.memory("read", query, window_entries, view.cached, memory_cache)
             output = output + read.to(output.dtype)
         return self.o_proj(output.reshape(batch, length, -1))
 

@@ -79,8 +79,10 @@ def test_left_padding_changes_nothing(memory_layers):
     with torch.no_grad():
         alone = model(ids).logits
         together = model(batch, attention_mask=mask).logits[:1, pad:]
+        without_cache = model(batch, attention_mask=mask, use_cache=False).logits[:1, pad:]  # as in training
         incremental, _ = incremental_logits(model, batch, [pad + 10], attention_mask=mask)
     assert_close(together, alone, 1e-4, "padded forward")
+    assert_close(without_cache, alone, 1e-4, "padded forward without a cache")
     assert_close(incremental[:1, pad:], alone, 1e-4, "padded prefill + decode")
 
 
