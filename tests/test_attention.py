@@ -42,6 +42,7 @@ def reference(query, key, value, cached, key_valid):
 @pytest.mark.parametrize("query_block", [3, 5, 256])
 def test_blocked_window_attention_equals_one_masked_softmax(monkeypatch, attn, cached, padded, query_block):
     monkeypatch.setattr(modeling_llama_mem, "QUERY_BLOCK", query_block)
+    monkeypatch.setattr(modeling_llama_mem, "INFERENCE_QUERY_BLOCK", query_block)
     torch.manual_seed(0)
     length = 29  # several windows, blocks that do not divide it
     query = torch.randn(2, HEADS, length, DIM, requires_grad=True)
@@ -56,6 +57,13 @@ def test_blocked_window_attention_equals_one_masked_softmax(monkeypatch, attn, c
     out = windowed_attention(Holder(), interface, query, key, value, view, scaling=DIM**-0.5)
     expected = reference(query, key, value, cached, key_valid)
     assert_close(out, expected, 1e-5, "output")
+    with torch.no_grad():  # the blocking without gradients
+        assert_close(
+            windowed_attention(Holder(), interface, query, key, value, view, scaling=DIM**-0.5),
+            expected,
+            1e-5,
+            "output without gradients",
+        )
     weight = torch.randn_like(expected)
     grads = torch.autograd.grad((out * weight).sum(), (query, key, value))
     expected_grads = torch.autograd.grad((expected * weight).sum(), (query, key, value))
