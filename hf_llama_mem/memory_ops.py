@@ -65,17 +65,16 @@ def _initial_state(initial_state, k, v):
 
 def gated_delta_write(state, key, value, g, beta) -> torch.Tensor:
     """One token's write: S <- exp(g) S, then S <- S + beta k (v - S^T k)^T. state [B, H, K, V], key [B, H, K],
-    value [B, H, V], g and beta [B, H]. The step of the reference recurrence, and of the model's decode step."""
-    decay = g.exp()[..., None]  # [B, H, 1]
-    # beta (v - (exp(g) S)^T k), with the decay applied to the read S^T k: a few small ops fewer (a decode step is
-    # bound by their count, not by arithmetic).
-    correction = torch.addcmul(value, decay, (key[..., None, :] @ state)[..., 0, :], value=-1) * beta[..., None]
-    return torch.addcmul(state * decay[..., None], key[..., :, None], correction[..., None, :])
+    value [B, H, V], g and beta [B, H]. The step of the reference recurrence (the model's decode step uses its
+    in-place twin, `gated_delta_write_`)."""
+    state = state * g[..., None, None].exp()
+    correction = beta[..., None] * (value - (key[..., None, :] @ state)[..., 0, :])  # [B, H, V]
+    return state + key[..., :, None] * correction[..., None, :]
 
 
 def gated_delta_write_(state, key, value, g, beta) -> torch.Tensor:
-    """`gated_delta_write` in place in `state` (contiguous), for a decode step without gradients: no new S and fewer
-    small ops, which is what a decode step is bound by. Returns `state`."""
+    """`gated_delta_write` in place in `state` (contiguous), for a decode step: no new S and fewer small ops, which is
+    what a decode step is bound by. key [B, H, K], value [B, H, V], g and beta [B, H] or [B, H, 1]. Returns `state`."""
     states = state.view(-1, *state.shape[-2:])  # [B H, K, V]
     keys = key.reshape(-1, 1, key.shape[-1])  # [B H, 1, K]
     decay = g.exp().reshape(-1, 1, 1)
