@@ -1,7 +1,8 @@
 """The causal-LM loss of LlamaMemForCausalLM: transformers' ForCausalLMLoss, computed in row blocks.
 
 Same contract and value as `transformers.loss.loss_utils.ForCausalLMLoss` (labels shifted left, `ignore_index` rows
-skipped, the mean over counted rows, or the sum over `num_items_in_batch` when Trainer passes it), in float32. The
+skipped, the mean over counted rows, or the sum over `num_items_in_batch` when Trainer passes it), in float32; a batch
+whose labels are all `ignore_index` gives the same nan (0 / 0) and the same exactly-zero gradients. The
 stock loss runs `log_softmax` over all of the [tokens, vocab] logits, keeps that second full-size tensor for its
 backward, and builds the logits' gradient from a zero-filled third one; at 8K tokens and a 32K vocabulary each is
 1 GB. Here the forward keeps only one log-sum-exp per row, and both passes work through the logits in row blocks
@@ -41,7 +42,7 @@ def causal_lm_loss(
         raise ValueError(f"label {bad} is outside the vocabulary [0, {vocab_size}) and is not ignore_index.")
     total = _SummedCrossEntropy.apply(logits, targets.masked_fill(~counted, 0), counted)
     if num_items_in_batch is None:
-        return total / counted.sum()  # 0 / 0 = nan when nothing counts, as the stock mean
+        return total / counted.sum()  # 0 / 0 = nan when nothing counts, as the stock mean (its gradients are zeros)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
@@ -58,14 +59,17 @@ class _SummedCrossEntropy(torch.autograd.Function):
             log_norms[start : start + rows] = torch.logsumexp(logits[start : start + rows].float(), dim=-1)
         picked = logits.gather(1, targets[:, None])[:, 0].float()
         ctx.save_for_backward(logits, targets, counted, log_norms)
-        return (log_norms - picked).mul_(counted).sum()
+        # masked, not multiplied: a row that does not count adds exactly 0 whatever its logits hold
+        return (log_norms - picked).masked_fill_(~counted, 0.0).sum()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, total_grad):
         logits, targets, counted, log_norms = ctx.saved_tensors
-        # d total / d logits = counted * (softmax(logits) - onehot(target))
-        row_scale = total_grad * counted
+        # d total / d logits = counted * (softmax(logits) - onehot(target)). When nothing counts the loss is 0 / 0 and
+        # its upstream gradient inf: selecting (not multiplying by counted, inf * 0 = nan) gives the rows that do not
+        # count an exact zero gradient, as transformers' cross_entropy with ignore_index does.
+        row_scale = torch.where(counted, total_grad, total_grad.new_zeros(()))
         grad = torch.empty_like(logits)
         rows = _block_rows(logits)
         for start in range(0, logits.shape[0], rows):

@@ -64,10 +64,41 @@ def test_bfloat16_logits_get_a_float32_loss_and_a_bfloat16_gradient():
     assert_close(grad.float(), expected_grad.float(), atol=1e-2, what="gradient")
 
 
-def test_nothing_counted_gives_nan_as_the_stock_mean():
-    labels = torch.full((1, 5), -100)
-    assert torch.isnan(causal_lm_loss(torch.randn(1, 5, VOCAB), labels, VOCAB))
-    assert torch.isnan(ForCausalLMLoss(torch.randn(1, 5, VOCAB), labels, VOCAB))
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"num_items_in_batch": torch.tensor(0)}, {"num_items_in_batch": 0}, {"num_items_in_batch": torch.tensor(5)}],
+    ids=["mean", "num_items_zero_tensor", "num_items_zero_int", "num_items_positive"],
+)
+def test_nothing_counted_gives_the_stock_value_and_finite_zero_gradients(kwargs):
+    # transformers' loss: nan (0 / 0) as the mean or over num_items_in_batch=0, 0 over a positive count, and in
+    # every case exactly zero gradients (its backward never multiplies inf by 0), so one fully masked batch
+    # leaves the weights as they were.
+    logits, labels = torch.randn(2, 5, VOCAB), torch.full((2, 5), -100)
+    loss, grad = loss_and_grad(causal_lm_loss, logits, labels, **kwargs)
+    expected_loss, expected_grad = loss_and_grad(ForCausalLMLoss, logits, labels, **kwargs)
+    assert torch.equal(loss.isnan(), expected_loss.isnan()), (loss, expected_loss)
+    if not expected_loss.isnan():
+        assert_close(loss, expected_loss, atol=0, what="loss")
+    assert torch.equal(expected_grad, torch.zeros_like(logits))
+    assert torch.equal(grad, expected_grad), "gradients of a fully masked batch must be finite zeros"
+
+
+def test_a_fully_masked_row_in_a_counted_batch_gets_zero_gradient():
+    logits, labels = torch.randn(2, 7, VOCAB), labels_with_ignored_rows()
+    labels[1] = -100
+    loss, grad = loss_and_grad(causal_lm_loss, logits, labels)
+    expected_loss, expected_grad = loss_and_grad(ForCausalLMLoss, logits, labels)
+    assert_close(loss, expected_loss, atol=1e-5, what="loss")
+    assert_close(grad, expected_grad, atol=1e-6, what="gradient")
+    assert torch.equal(grad[1], torch.zeros_like(grad[1]))
+
+
+def test_a_model_step_on_a_fully_masked_batch_leaves_finite_zero_gradients():
+    model = tiny_model().train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    model(ids, labels=torch.full_like(ids, -100)).loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is None or torch.equal(param.grad, torch.zeros_like(param.grad)), name
 
 
 @pytest.mark.parametrize("bad", [VOCAB, -3])
