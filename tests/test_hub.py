@@ -79,9 +79,11 @@ def test_push_to_hub_uploads_weights_code_config_and_card_with_results(tmp_path,
             "convert_llama.py",
             "eval_results.json",
             "generation_config.json",
+            "memory_layer.py",
             "memory_ops.py",
             "model.safetensors",
             "modeling_llama_mem.py",
+            "windowed_attention.py",
         ]
     )
     config = json.loads((uploads / "config.json").read_text())

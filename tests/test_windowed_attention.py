@@ -5,8 +5,8 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from hf_llama_mem import modeling_llama_mem
-from hf_llama_mem.modeling_llama_mem import WindowView, windowed_attention
+from hf_llama_mem import windowed_attention as windowed_attention_module
+from hf_llama_mem.windowed_attention import WindowView, windowed_attention
 
 from .helpers import assert_close
 
@@ -41,8 +41,8 @@ def reference(query, key, value, cached, key_valid):
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("query_block", [3, 5, 256])
 def test_blocked_window_attention_equals_one_masked_softmax(monkeypatch, attn, cached, padded, query_block):
-    monkeypatch.setattr(modeling_llama_mem, "QUERY_BLOCK", query_block)
-    monkeypatch.setattr(modeling_llama_mem, "INFERENCE_QUERY_BLOCK", query_block)
+    monkeypatch.setattr(windowed_attention_module, "QUERY_BLOCK", query_block)
+    monkeypatch.setattr(windowed_attention_module, "INFERENCE_QUERY_BLOCK", query_block)
     torch.manual_seed(0)
     length = 29  # several windows, blocks that do not divide it
     query = torch.randn(2, HEADS, length, DIM, requires_grad=True)

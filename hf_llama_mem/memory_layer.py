@@ -1,0 +1,231 @@
+"""The memory reader of one layer: the entries each token writes when it leaves the window, and the normed read.
+
+`LlamaMemMemory` feeds the gated delta-rule op (memory_ops.py) and keeps its state in the cache; `MemoryReadRMSNorm`
+is the RMS norm of the read with its backward written out.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .configuration_llama_mem import LlamaMemConfig
+from .memory_ops import chunk_gated_delta_rule, gated_delta_write_, recurrent_gated_delta_rule
+
+__all__ = ["L2_EPS", "LlamaMemMemory", "MemoryReadRMSNorm", "l2_normalize"]
+
+# Up to this many new tokens, the key convolution is computed as a weighted sum of its taps (cheaper per call).
+SHORT_CONV_LENGTH = 4
+
+# The floor of the query norm in the L2 normalisation of memory queries and keys (F.normalize's eps).
+L2_EPS = 1e-6
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """L2 normalisation over the last dim in float32 (the convention of the delta-rule kernels): F.normalize's
+    arithmetic, without the Python layers of F.normalize and Tensor.norm, which cost more than it in a decode step."""
+    x = x.float()
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(L2_EPS)
+
+
+class MemoryReadRMSNorm(nn.Module):
+    """RMS norm of a memory read by an L2-normalised query, times the learned per-head gate.
+
+    It takes the read of the raw query: the read is linear in its query, so with r = S^T q,
+    RMSNorm(S^T q / |q|) = r / sqrt(mean(r^2) + eps |q|^2) exactly. That is a few passes over the read instead of a
+    normalisation of every query on top of the norm (this branch is bandwidth-bound on long inputs), and the backward
+    is written out (`_ReadNorm`) for the same reason.
+    """
+
+    def __init__(self, head_dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.eps = eps
+
+    def forward(self, read: torch.Tensor, query: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """read, query [B, T, H, D] float32; gate [H]."""
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (read, query, self.weight, gate)):
+            return _ReadNorm.apply(read, query, self.weight, gate, self.eps)
+        # Nothing to differentiate (prefill, decode): the same arithmetic without an autograd Function's overhead,
+        # which in a decode step costs more than the arithmetic.
+        return read_norm_forward(read, query, self.weight, gate, self.eps)[0]
+
+
+def read_norm_forward(read, query, weight, gate, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out = r * s * (weight gate) with s = (mean(r^2) + eps max(|q|^2, L2_EPS^2))^-1/2, per row of [B, T, H, D].
+    Returns out, s and where |q|^2 was above the floor (what the backward needs)."""
+    # Norms as reductions and products in place: on long inputs every full-size temporary costs.
+    query_norm_sq = torch.linalg.vector_norm(query, dim=-1, keepdim=True).square_()
+    unclamped = query_norm_sq > L2_EPS**2
+    read_mean_sq = torch.linalg.vector_norm(read, dim=-1, keepdim=True).square_().div_(read.shape[-1])
+    scale = read_mean_sq.add_(query_norm_sq.clamp_min_(L2_EPS**2), alpha=eps).rsqrt_()
+    return (read * scale).mul_(weight * gate[:, None]), scale, unclamped
+
+
+class _ReadNorm(torch.autograd.Function):
+    """`read_norm_forward` with its backward written out."""
+
+    @staticmethod
+    def forward(ctx, read, query, weight, gate, eps):
+        out, scale, unclamped = read_norm_forward(read, query, weight, gate, eps)
+        ctx.save_for_backward(read, query, weight, gate, scale, unclamped)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, out_grad):
+        read, query, weight, gate, scale, unclamped = ctx.saved_tensors
+        per_channel = (out_grad * read).mul_(scale)
+        weighted_grad = out_grad * (weight * gate[:, None])
+        # d loss / d (mean(r^2) + eps |q|^2), through s = x^-1/2
+        norm_grad = (weighted_grad * read).sum(-1, keepdim=True).mul_(scale.pow(3)).mul_(-0.5)
+        read_grad = weighted_grad.mul_(scale).addcmul_(read, norm_grad, value=2.0 / read.shape[-1])
+        query_grad = query * (norm_grad * unclamped).mul_(2.0 * ctx.eps)
+        per_channel = per_channel.sum((0, 1))  # [H, D]
+        weight_grad = (per_channel * gate[:, None]).sum(0)
+        gate_grad = (per_channel * weight).sum(-1)
+        return read_grad, query_grad, weight_grad, gate_grad, None
+
+
+class LlamaMemMemory(nn.Module):
+    """The memory reader of one layer: what each token writes when it leaves the window, and the read.
+
+    Per kv head: the memory key is a causal depthwise convolution of the pre-RoPE key (so a token's memory key
+    carries its predecessors, the associative-recall circuit), L2-normalised; the value is the attention value;
+    decay exp(g) and write strength beta come from the token's hidden state. Every query head reads its kv head's
+    S with its pre-RoPE, L2-normalised query; the read is RMS-normalised and scaled by a learned per-head gate.
+    """
+
+    def __init__(self, config: LlamaMemConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.window = config.sliding_window
+        self.chunk_size = config.memory_chunk_size
+        self.head_dim = config.head_dim
+        self.num_key_value_heads = config.num_key_value_heads
+        self.gated = config.memory_rule == "gated_delta"
+        channels = config.num_key_value_heads * config.head_dim
+        self.key_conv = nn.Conv1d(channels, channels, config.memory_conv_size, groups=channels, bias=False)
+        if self.gated:
+            self.decay_proj = nn.Linear(config.hidden_size, config.num_key_value_heads, bias=False)
+            self.decay_bias = nn.Parameter(torch.zeros(config.num_key_value_heads))
+            self.decay_log_rate = nn.Parameter(torch.zeros(config.num_key_value_heads))
+        self.write_proj = nn.Linear(config.hidden_size, config.num_key_value_heads, bias=True)
+        self.read_norm = MemoryReadRMSNorm(config.head_dim, eps=config.rms_norm_eps)
+        self.gate = nn.Parameter(torch.ones(config.num_attention_heads))
+
+    def forward(self, step: str, *args) -> torch.Tensor:
+        """`step` "write" runs `entries(*args)`, "read" runs `read(*args)`. Both go through forward because module
+        hooks only see forward calls: accelerate's offloading moves this module's own parameters (gate, decay) onto
+        the execution device in a hook, and would otherwise leave them on disk."""
+        if step == "write":
+            return self.entries(*args)
+        if step == "read":
+            return self.read(*args)
+        raise ValueError(f"step must be 'write' or 'read', got {step!r}.")
+
+    def entries(self, hidden_states, key, value, token_valid, layer_cache) -> torch.Tensor:
+        """What this call's tokens will write: [value | memory key | g | beta], [B, Hkv, T, 2D + 2] in the model dtype.
+
+        hidden_states [B, T, hidden]; key (pre-RoPE), value [B, Hkv, T, D]. Padded tokens write nothing.
+        """
+        batch, num_heads, length, head_dim = key.shape
+        if token_valid is not None:
+            key = key * token_valid[:, None, :, None]
+        conv_input = key.permute(0, 1, 3, 2).reshape(batch, num_heads * head_dim, length)  # [B, C, T]
+        taps = self.key_conv.kernel_size[0] - 1
+        has_previous = layer_cache is not None and taps > 0 and layer_cache.has_previous_state[0]
+        previous = (
+            layer_cache.conv_states[0] if has_previous else conv_input.new_zeros(batch, conv_input.shape[1], taps)
+        )
+        padded = torch.cat([previous, conv_input], dim=-1)
+        if length <= SHORT_CONV_LENGTH:  # decode: a weighted sum of the taps beats a convolution call
+            windows = padded.unfold(-1, taps + 1, 1)  # [B, C, T, taps + 1]
+            memory_key = (windows * self.key_conv.weight).sum(-1)  # weight [C, 1, taps + 1]
+        else:
+            memory_key = self.key_conv(padded)
+        if layer_cache is not None and taps > 0:
+            # after the convolution: the cache overwrites its conv state in place
+            layer_cache.update_conv_state(conv_input, conv_kernel_size=taps)
+        memory_key = l2_normalize(memory_key.view(batch, num_heads, head_dim, length).transpose(2, 3))
+
+        beta = torch.sigmoid(self.write_proj(hidden_states).float())
+        if self.gated:
+            g = -self.decay_log_rate.exp() * F.softplus(self.decay_proj(hidden_states).float() + self.decay_bias)
+        else:
+            g = torch.zeros_like(beta)
+        if token_valid is not None:
+            beta, g = beta * token_valid[..., None], g * token_valid[..., None]
+        scalars = torch.stack([g, beta], dim=-1).transpose(1, 2)  # [B, Hkv, T, 2]
+        return torch.cat([value, memory_key.to(value.dtype), scalars.to(value.dtype)], dim=-1)
+
+    def read(self, query, window_entries, cached, layer_cache) -> torch.Tensor:
+        """Memory read for every query: [B, T, H, D] in float32, normed and gated.
+
+        query: pre-RoPE [B, H, T, D]. window_entries: [B, Hkv, cached + T, 2D + 2], the cached window followed by
+        this call's tokens (without a cache, at least the first T - W of them: only those leave the window). The read
+        at step t sees exactly the tokens j <= t - W: in the stream of tokens leaving the window, front-padded with
+        no-op writes, the read at t comes after the writes of the t + 1 entries before it.
+        """
+        length = query.shape[2]
+        state = None
+        if layer_cache is not None and layer_cache.is_recurrent_states_initialized[0]:
+            state = layer_cache.recurrent_states[0]
+        if layer_cache is not None and length == 1:
+            return self.decode_read(query, window_entries, cached, layer_cache, state)
+        # With a cache the final state must include the token that leaves at the last step: one more stream entry,
+        # read by a zero query.
+        stream_length = length + (layer_cache is not None)
+        no_ops = min(self.window - cached, stream_length)
+        entries = window_entries[:, :, : stream_length - no_ops].transpose(1, 2)
+        # The query's L2 normalisation is folded into the read norm (MemoryReadRMSNorm).
+        memory_query = query.transpose(1, 2).float()
+        # Until the first write the memory is empty and every read is exactly zero (and depends on nothing): the op
+        # and the norm start at the first write, which on a fresh input of 2W tokens halves them.
+        skipped = min(no_ops, length) if state is None else 0
+        reading = memory_query[:, skipped:]  # the queries whose reads can be nonzero
+        if state is not None:
+            entries = F.pad(entries, (0, 0, 0, 0, no_ops, 0))
+        read_query = reading
+        if entries.shape[1] > reading.shape[1]:  # zero queries for the entries after the last token (a cache's)
+            read_query = F.pad(reading, (0, 0, 0, 0, 0, entries.shape[1] - reading.shape[1]))
+        value, key, g, beta = entries.split([self.head_dim, self.head_dim, 1, 1], dim=-1)
+        op_length = read_query.shape[1]
+        op_kwargs = {"chunk_size": self.chunk_size} if op_length > 2 else {}
+        op = chunk_gated_delta_rule if op_length > 2 else recurrent_gated_delta_rule
+        read, final_state = op(
+            read_query,
+            key,
+            value,
+            g=g[..., 0],
+            beta=beta[..., 0],
+            scale=1.0,
+            initial_state=state,
+            output_final_state=layer_cache is not None,
+            **op_kwargs,
+        )
+        if layer_cache is not None:
+            layer_cache.update_recurrent_state(final_state.contiguous())  # decode updates it in place, as a view
+        normed = self.read_norm(read[:, : reading.shape[1]], reading, self.gate)
+        return F.pad(normed, (0, 0, 0, 0, skipped, 0)) if skipped else normed
+
+    def decode_read(self, query, window_entries, cached, layer_cache, state) -> torch.Tensor:
+        """`read` for one new token with a cache (a decode step): read S, then fold in the token that leaves the
+        window now, if the window is full: the general path's result (the reference recurrence over a no-op and that
+        token) in a few products instead of a few dozen small ops per layer. S is updated in place in the cache, where
+        `update_recurrent_state` would copy it (cached forwards are for inference: a backward through several of them
+        already failed on the cache's in-place copies)."""
+        batch, num_q_heads, _, head_dim = query.shape
+        num_heads = window_entries.shape[1]
+        if state is None:
+            empty = query.new_zeros(batch, num_heads, head_dim, head_dim, dtype=torch.float32)
+            state = layer_cache.update_recurrent_state(empty)
+        memory_query = query.float().view(batch * num_heads, num_q_heads // num_heads, head_dim)
+        read = torch.bmm(memory_query, state.view(batch * num_heads, head_dim, head_dim))  # [B Hkv, G, D]
+        if cached == self.window - 1:
+            leaving = window_entries[:, :, 0].float()  # [B, Hkv, 2D + 2]
+            value, key, g, beta = leaving.split([head_dim, head_dim, 1, 1], dim=-1)
+            gated_delta_write_(state, key, value, g, beta)
+        shape = (batch, 1, num_q_heads, head_dim)
+        return self.read_norm(read.view(shape), memory_query.view(shape), self.gate)
