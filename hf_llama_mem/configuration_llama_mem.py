@@ -3,11 +3,45 @@
 import math
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers.models.llama.configuration_llama import LlamaConfig
 
-__all__ = ["LlamaMemConfig"]
+__all__ = ["ConfigClassValueError", "ConfigTypeError", "ConfigValueError", "LlamaMemConfig"]
 
 MEMORY_RULES = ("gated_delta", "delta")
+
+# The chunked memory op pads every sequence to whole chunks and builds C x C matrices and a triangular solve per chunk
+# and head: its cost grows with C^2 per token while the point of chunking is small C (64 here, as in
+# flash-linear-attention). 1024 keeps one chunk's matrices at 4 MB per head in float32, a few times more than any
+# setting we measured as useful; 10**9 would ask for gigabytes on the first forward.
+MAX_MEMORY_CHUNK_SIZE = 1024
+
+# Sizes that must be positive integers (head_dim may still be None before LlamaConfig derives it).
+POSITIVE_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "sliding_window",
+    "memory_chunk_size",
+    "memory_conv_size",
+)
+
+
+class ConfigTypeError(StrictDataclassFieldValidationError, TypeError):
+    """A field of the wrong type: a TypeError, and still huggingface_hub's strict-dataclass error."""
+
+
+class ConfigValueError(StrictDataclassFieldValidationError, ValueError):
+    """A field validator's refusal (initializer_range outside [0, 1]): a ValueError, and still huggingface_hub's."""
+
+
+class ConfigClassValueError(StrictDataclassClassValidationError, ValueError):
+    """`config.validate()` refusing a combination of fields: a ValueError, and still huggingface_hub's."""
 
 
 @strict
@@ -22,12 +56,18 @@ class LlamaMemConfig(LlamaConfig):
         memory_rule (`str`): "gated_delta" (learned per-token decay) or "delta" (no decay).
         memory_layers (`list[int] | None`): indices of the layers with a memory reader; None means every layer and
             [] none, which is a plain sliding-window Llama (the baseline every memory claim is measured against).
-        memory_chunk_size (`int`): chunk length of the chunkwise-parallel memory op used for training and prefill.
+        memory_chunk_size (`int`): chunk length of the chunkwise-parallel memory op used for training and prefill,
+            1 to 1024 (`MAX_MEMORY_CHUNK_SIZE`).
         memory_conv_size (`int`): taps of the causal depthwise convolution on the memory key (the token itself
             included), which lets a token's memory key carry its predecessors.
         memory_gate_init (`float`): starting value of the per-head gate on the memory read in a freshly initialised
             model. 1.0 (open) learns associative recall fastest; for language modelling from scratch, 0.0 with a
             larger learning rate on the memory parameters trained better in our runs (see examples/train_clm.py).
+
+    Errors: a bad value or combination raises ValueError naming it, at construction, in `validate()` (run by
+    `save_pretrained`) and when a model is built from the config (`validate_memory_settings`), so a field changed
+    after construction is refused before any use. A value of the wrong type raises `ConfigTypeError` on construction
+    or assignment: a TypeError that is also huggingface_hub's `StrictDataclassFieldValidationError`.
 
     ```python
     >>> from hf_llama_mem import LlamaMemConfig, LlamaMemForCausalLM
@@ -46,53 +86,117 @@ class LlamaMemConfig(LlamaConfig):
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):
+        # LlamaConfig divides hidden_size by num_attention_heads to derive head_dim: check the sizes first.
+        self._check_sizes()
         # The cache layout follows the memory layers: a memory layer keeps a window plus recurrent states
         # ("hybrid_sliding"), a layer without memory only its window ("sliding_attention").
         if self.layer_types is None and isinstance(self.num_hidden_layers, int):
-            self.layer_types = [
-                "hybrid_sliding" if self.has_memory(i) else "sliding_attention" for i in range(self.num_hidden_layers)
-            ]
+            self.layer_types = self.expected_layer_types()
         super().__post_init__(**kwargs)
-        # Checked here as well as in `validate_architecture`: `@strict` re-raises validator errors as its own
-        # exception type, which is not a ValueError, and a bad config must raise ValueError.
-        self._check_memory_fields()
+        # Checked here as well as by `validate()`: `@strict` re-raises validator errors as its own exception type,
+        # and a bad config must raise ValueError.
+        self.validate_memory_settings()
 
     def has_memory(self, layer_idx: int) -> bool:
         return self.memory_layers is None or layer_idx in self.memory_layers
 
-    def validate_architecture(self):
-        """Part of `@strict` validation: cross-field checks, each naming the bad value."""
-        self._check_memory_fields()
+    def expected_layer_types(self) -> list[str]:
+        return ["hybrid_sliding" if self.has_memory(i) else "sliding_attention" for i in range(self.num_hidden_layers)]
 
-    def _check_memory_fields(self):
-        if self.num_attention_heads < 1 or self.hidden_size % self.num_attention_heads != 0:
+    def validate_architecture(self):
+        """Replaces LlamaConfig's check (which divides by num_attention_heads before checking it)."""
+        self.validate_memory_settings()
+
+    def validate_memory_settings(self):
+        """Every check of the sizes and memory settings, each raising a ValueError that names the bad value.
+
+        Runs at construction, in `validate()` (so at `save_pretrained`), and when a model is built from the config:
+        `@strict` checks only the type of a field assigned after construction, so a model built from a config
+        changed that way (`config.sliding_window = 0`) refuses it here rather than running with it.
+        """
+        self._check_sizes()
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE rotates pairs of dimensions), got {self.head_dim}.")
+        if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                 f"({self.num_attention_heads})."
             )
-        if self.num_key_value_heads < 1 or self.num_attention_heads % self.num_key_value_heads != 0:
+        if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})."
             )
-        for name in ("sliding_window", "memory_chunk_size", "memory_conv_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if not isinstance(self.memory_gate_init, (int, float)) or not math.isfinite(self.memory_gate_init):
-            raise ValueError(f"memory_gate_init must be a finite number, got {self.memory_gate_init!r}.")
+        if self.memory_chunk_size > MAX_MEMORY_CHUNK_SIZE:
+            raise ValueError(
+                f"memory_chunk_size must be at most {MAX_MEMORY_CHUNK_SIZE}, got {self.memory_chunk_size}: every "
+                f"sequence is padded to whole chunks and each chunk costs C x C per head (64 is the default)."
+            )
+        gate = self.memory_gate_init
+        if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not math.isfinite(gate):
+            raise ValueError(f"memory_gate_init must be a finite number, got {gate!r}.")
         if self.memory_rule not in MEMORY_RULES:
             raise ValueError(f"memory_rule must be one of {MEMORY_RULES}, got {self.memory_rule!r}.")
-        for layer_idx in self.memory_layers or []:
-            if not 0 <= layer_idx < self.num_hidden_layers:
-                raise ValueError(
-                    f"memory_layers contains {layer_idx}, but layer indices run from 0 to "
-                    f"{self.num_hidden_layers - 1}."
-                )
-        expected = [
-            "hybrid_sliding" if self.has_memory(i) else "sliding_attention" for i in range(self.num_hidden_layers)
-        ]
+        if self.memory_layers is not None:
+            for layer_idx in self.memory_layers:
+                if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+                    raise ValueError(f"memory_layers must hold layer indices (int), got {layer_idx!r}.")
+                if not 0 <= layer_idx < self.num_hidden_layers:
+                    raise ValueError(
+                        f"memory_layers contains {layer_idx}, but layer indices run from 0 to "
+                        f"{self.num_hidden_layers - 1}."
+                    )
+                if self.memory_layers.count(layer_idx) > 1:
+                    raise ValueError(f"memory_layers lists layer {layer_idx} more than once: {self.memory_layers}.")
+        expected = self.expected_layer_types()
+        if self.layer_types is None or len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"num_hidden_layers ({self.num_hidden_layers}) does not match layer_types {self.layer_types}: after "
+                f"changing num_hidden_layers or memory_layers, set layer_types too (here {expected}), or build a new "
+                f"LlamaMemConfig, which derives it."
+            )
         if self.layer_types != expected:
             raise ValueError(
                 f"layer_types {self.layer_types} does not match memory_layers {self.memory_layers}; "
                 f"expected {expected}."
             )
+
+    def _check_sizes(self):
+        for name in POSITIVE_SIZES:
+            value = getattr(self, name)
+            if value is None and name in ("head_dim", "num_key_value_heads"):
+                continue  # derived by LlamaConfig.__post_init__
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+
+
+# `@strict` raises its own exception types, which are neither ValueError nor TypeError. Re-raise them as errors that
+# are both: what users of a transformers config expect, and still what code catching huggingface_hub's catches.
+_strict_setattr = LlamaMemConfig.__setattr__
+
+
+def _setattr(self, name, value):
+    try:
+        _strict_setattr(self, name, value)
+    except StrictDataclassFieldValidationError as error:
+        if isinstance(error, (TypeError, ValueError)):
+            raise
+        cause = error.__cause__
+        kind = ConfigTypeError if isinstance(cause, TypeError) else ConfigValueError
+        raise kind(field=name, cause=cause) from cause
+
+
+def _validate(self):
+    """Run the class validators (`validate_*`) as `@strict`'s `validate()` does, raising ConfigClassValueError."""
+    for validator in type(self).__class_validators__:
+        try:
+            validator(self)
+        except (ValueError, TypeError) as error:
+            raise ConfigClassValueError(validator=validator.__name__, cause=error) from error
+
+
+_validate.__is_defined_by_strict_decorator__ = True  # lets a @strict subclass replace it, as it would strict's own
+LlamaMemConfig.__setattr__ = _setattr
+LlamaMemConfig.validate = _validate
