@@ -1,9 +1,198 @@
-"""The `hf-llama-mem` console script: each subcommand parses its arguments and calls library functions."""
+"""The `hf-llama-mem` console script: each subcommand parses and checks its arguments, then calls library functions.
+
+Every error is one line on stderr and exit code 2 (run with --traceback for the whole trace): a bad option value is
+refused while parsing, before any model is loaded; a bad input found by the library (a model folder without a
+tokenizer, a model too small for a task, an unreadable file) is reported in one line, not as a Python traceback.
+
+Adding a subcommand: write `add_NAME_command(commands)`, which adds its parser and sets `run`, and list it in
+COMMANDS. Adding an evaluation task: write `add_NAME_task(tasks)` (start from `add_eval_task`) and list it in
+EVAL_TASKS.
+"""
 
 import argparse
 import json
 import os
+import re
 import sys
+from collections.abc import Callable
+
+from huggingface_hub.errors import StrictDataclassError
+
+# What a run may raise for a bad input rather than a bug, and so is shown as one line with exit code 2: the library
+# refuses bad values with ValueError (transformers and huggingface_hub do too: a bad config value, a hub id that
+# cannot be), missing or unreadable files and folders are OSError (FileNotFoundError, PermissionError, and
+# huggingface_hub's HTTP and not-found errors), and a config field of the wrong type is huggingface_hub's
+# StrictDataclassError. Anything else (TypeError, KeyError, IndexError, RuntimeError, ...) is a bug in this
+# package or its caller, and keeps its traceback so it can be reported.
+USER_ERRORS = (ValueError, OSError, StrictDataclassError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error as a single line (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument types: each returns the parsed value or raises ArgumentTypeError naming the bad value.
+
+
+def int_at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
+    what = what or ("a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0, "a non-negative integer")
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):  # NaN and inf fail too
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def number_list(item: Callable, what: str, allow_empty: bool = False) -> Callable[[str], list]:
+    """Comma-separated values, each parsed by `item`; an empty list is an error unless `allow_empty`."""
+
+    def parse(text: str) -> list:
+        pieces = [piece.strip() for piece in text.split(",")]
+        if pieces == [""] and allow_empty:
+            return []
+        try:
+            return [item(piece) for piece in pieces]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+    return parse
+
+
+def unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(text)
+    return value
+
+
+positive_int_list = number_list(positive_int, "positive integers")
+nonnegative_int_list = number_list(nonnegative_int, "non-negative integers")
+unit_float_list = number_list(unit_float, "numbers in [0, 1]")
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
+
+
+def model_path(text: str, allow_file: bool = False) -> str:
+    """A model folder (holding config.json), or a hub id (owner/name) when no local folder of that name exists."""
+    if os.path.isdir(text):
+        if not os.path.isfile(os.path.join(text, "config.json")):
+            raise argparse.ArgumentTypeError(f"the folder {text!r} holds no model (no config.json)")
+        return text
+    if os.path.exists(text):
+        if allow_file:
+            return text
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a model folder")
+    first = text.split("/")[0]
+    if HUB_ID.match(text) and not os.path.exists(first) and not text.startswith("."):
+        return text
+    raise argparse.ArgumentTypeError(f"no such model folder: {text!r}")
+
+
+def model_source(text: str) -> str:
+    """A model folder, a model file (a checkpoint such as .gguf) or a hub id."""
+    return model_path(text, allow_file=True)
+
+
+def existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+def writable_file(text: str) -> str:
+    """A file that can be written: its folder exists and is writable, and it is not itself a folder."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder {folder} is not writable")
+    return text
+
+
+def output_folder(text: str) -> str:
+    """A folder that exists and is writable, or can be created (its nearest existing parent is a writable folder)."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    parent = os.path.abspath(text)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to {text!r}: {parent} is not a writable folder")
+    return text
+
+
+TOKENIZER_HELP = (
+    "tokenizer folder or hub id, or 'byt5' for transformers' byte tokenizer (no files needed); default: the one "
+    "saved with the model. A model folder without a tokenizer is an error, not a guess."
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subcommands: one `add_*_command` each, which adds its parser and sets `run` to the function that does the work.
+
+
+def add_demo_command(commands) -> None:
+    p = commands.add_parser(
+        "demo", help="train memory vs no-memory on recall beyond the window, compare (CPU, minutes)"
+    )
+    p.add_argument("--output-dir", type=output_folder, default="demo_output")
+    p.add_argument("--steps", type=positive_int, default=600, help="training steps of each model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help="log the memory probe (gates, read norms) while training")
+    p.set_defaults(run=demo)
+
+
+def demo(args: argparse.Namespace) -> None:
+    from transformers.utils import logging
+
+    from .demo import DemoSettings, format_table, run_demo
+
+    logging.set_verbosity_info() if args.verbose else logging.set_verbosity_warning()
+    results = run_demo(args.output_dir, DemoSettings(steps=args.steps, seed=args.seed))
+    print(format_table(results))
+    print(f"results, plot (recall.png) and the trained memory model are in {args.output_dir}/")
+
+
+def add_convert_command(commands) -> None:
+    p = commands.add_parser("convert", help="convert a Llama/Mistral checkpoint into LlamaMem and verify it")
+    p.add_argument("src", type=model_source, help="source model: local folder or hub id")
+    p.add_argument("dst", help="folder to save the converted model in")
+    p.add_argument("--sliding-window", type=positive_int, help="W; defaults to the source's window, else 4096")
+    p.add_argument("--memory-rule", choices=["gated_delta", "delta"])
+    p.add_argument(
+        "--memory-layers",
+        type=number_list(nonnegative_int, "layer indices", allow_empty=True),
+        help="comma-separated layer indices (default: every layer; an empty string: none)",
+    )
+    p.add_argument(
+        "--check-sequences", type=positive_int, default=3, help="random sequences to verify the conversion on"
+    )
+    p.set_defaults(run=convert)
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -13,7 +202,7 @@ def convert(args: argparse.Namespace) -> None:
 
     overrides = {"sliding_window": args.sliding_window, "memory_rule": args.memory_rule}
     if args.memory_layers is not None:
-        overrides["memory_layers"] = [int(i) for i in args.memory_layers.split(",") if i]
+        overrides["memory_layers"] = args.memory_layers
     source = load_source(args.src)
     model = LlamaMemForCausalLM.from_llama(source, **{k: v for k, v in overrides.items() if v is not None})
     report = verify_conversion(source, model, num_sequences=args.check_sequences)
@@ -34,11 +223,23 @@ def convert(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def add_generate_command(commands) -> None:
+    p = commands.add_parser("generate", help="generate from a saved model, optionally continuing a saved memory")
+    p.add_argument("--model", required=True, type=model_path, help="model folder or hub id")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy; above 0: sampling")
+    p.add_argument("--load-memory", type=existing_file, help="memory file written by --save-memory to continue from")
+    p.add_argument("--save-memory", type=writable_file, help="write the memory after generating to this file")
+    p.set_defaults(run=generate)
+
+
 def generate(args: argparse.Namespace) -> None:
     from .evals.run import load_model_and_tokenizer
     from .memory_state import generate_with_memory, load_memory, save_memory
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
     cache = load_memory(args.load_memory, model) if args.load_memory else None
     prompt = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=cache is None).input_ids
     new_tokens, cache = generate_with_memory(
@@ -54,20 +255,16 @@ def generate(args: argparse.Namespace) -> None:
         save_memory(cache, args.save_memory, model)
 
 
-def evaluate(args: argparse.Namespace) -> None:
-    from .evals.run import format_results, run_eval
-
-    results = run_eval(args.task, args.model, args)
-    print(format_results(results))
-    print(f"results: {args.output_dir}/{args.task}.json, plot: {args.output_dir}/{args.task}.png")
-
-
-def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def float_list(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+def add_bench_command(commands) -> None:
+    p = commands.add_parser("bench", help="speed, cache and memory vs transformers' LlamaForCausalLM (CPU, fp32)")
+    p.add_argument("--quick", action="store_true", help="smaller model and lengths (minutes, not tens of minutes)")
+    p.add_argument(
+        "--json",
+        type=writable_file,
+        default="bench_vs_llama.json",
+        help="results file (a .md table is written beside it); its folder must exist",
+    )
+    p.set_defaults(run=bench)
 
 
 def bench(args: argparse.Namespace) -> None:
@@ -84,78 +281,163 @@ def bench(args: argparse.Namespace) -> None:
     print(f"results: {args.json} and {os.path.splitext(args.json)[0]}.md")
 
 
-def demo(args: argparse.Namespace) -> None:
-    from transformers.utils import logging
-
-    from .demo import DemoSettings, format_table, run_demo
-
-    logging.set_verbosity_info() if args.verbose else logging.set_verbosity_warning()
-    results = run_demo(args.output_dir, DemoSettings(steps=args.steps, seed=args.seed))
-    print(format_table(results))
-    print(f"results, plot (recall.png) and the trained memory model are in {args.output_dir}/")
+# ----------------------------------------------------------------------------------------------------------------
+# `eval TASK`: one subcommand per task, each with the common options and its own typed options.
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-llama-mem", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_eval_command(commands) -> None:
     p = commands.add_parser(
-        "demo", help="train memory vs no-memory on recall beyond the window, compare (CPU, minutes)"
+        "eval",
+        help="long-context evaluation: " + ", ".join(EVAL_TASKS),
+        description="Run one long-context evaluation task on a saved model: print a table, write "
+        "OUTPUT_DIR/TASK.json and TASK.png, and add the rows to a LlamaMem model folder's card.",
     )
-    p.add_argument("--output-dir", default="demo_output")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verbose", action="store_true", help="log the memory probe (gates, read norms) while training")
-    p.set_defaults(run=demo)
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    for add_task in EVAL_TASKS.values():
+        add_task(tasks)
 
-    p = commands.add_parser("eval", help="long-context evaluation: passkey, recall or perplexity by position")
-    p.add_argument("task", choices=["passkey", "recall", "perplexity"])
-    p.add_argument("--model", required=True, help="model folder (any causal LM for perplexity and passkey)")
-    p.add_argument("--output-dir", default="eval_output")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-record", dest="record", action="store_false", help="leave the model card alone")
-    p.add_argument("--lengths", type=int_list, default=[256, 1024, 4096], help="passkey context lengths")
-    p.add_argument("--depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="passkey depths")
-    p.add_argument("--samples", type=int, default=8, help="passkey samples per length and depth")
+
+def add_eval_task(tasks, name: str, help: str, make_task: Callable, reads_text: bool = True):
+    """The parser of `eval NAME` with the options every task has; `make_task(args)` builds the Task."""
+    p = tasks.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, type=model_path, help="model folder or hub id")
+    p.add_argument("--output-dir", type=output_folder, default="eval_output", help="where TASK.json and .png go")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task's samples")
+    p.add_argument("--no-record", dest="record", action="store_false", help="leave the model folder's card alone")
+    if reads_text:
+        p.add_argument("--tokenizer", help=TOKENIZER_HELP)
+    p.set_defaults(run=evaluate, make_task=make_task)
+    return p
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from .evals.run import run_eval
+
+    task = args.make_task(args)
+    tokenizer = getattr(args, "tokenizer", None)
+    results = run_eval(task, args.model, args.output_dir, seed=args.seed, record=args.record, tokenizer=tokenizer)
+    print(task.table(results))
+    print(f"results: {args.output_dir}/{task.name}.json, plot: {args.output_dir}/{task.name}.png")
+
+
+def add_passkey_task(tasks) -> None:
+    from .evals.passkey import FORMATS, PasskeyOptions, PasskeyTask
+
+    def make_task(args):
+        options = PasskeyOptions(
+            lengths=tuple(args.lengths), depths=tuple(args.depths), samples=args.samples, format=args.format
+        )
+        return PasskeyTask(options)
+
+    defaults = PasskeyOptions()
+    p = add_eval_task(tasks, "passkey", "passkey retrieval: a key hidden at a depth in filler", make_task)
     p.add_argument(
-        "--format", choices=["text", "recall-tokens"], default="text", help="passkey as text, or in recall ids"
+        "--lengths", type=positive_int_list, default=list(defaults.lengths), help="context lengths (tokens)"
     )
-    p.add_argument("--gaps", type=int_list, default=[64, 128, 256, 512, 1024], help="recall distances")
-    p.add_argument("--sequences", type=int, default=256, help="recall sequences per distance")
-    p.add_argument("--files", nargs="*", help="perplexity documents (default: held-out stdlib sources)")
-    p.add_argument("--max-tokens", type=int, default=8192, help="perplexity: tokens read per document")
-    p.add_argument("--segment", type=int, default=1024, help="perplexity: tokens per forward through the cache")
-    p.add_argument("--window", type=int, default=1024, help="perplexity buckets for models without a window")
-    p.set_defaults(run=evaluate)
+    p.add_argument(
+        "--depths",
+        type=unit_float_list,
+        default=list(defaults.depths),
+        help="needle depths (0: the first token, 1: just before the question)",
+    )
+    p.add_argument("--samples", type=positive_int, default=defaults.samples, help="samples per length and depth")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=defaults.format,
+        help="text in the model's tokenizer, or the recall task's token ids (no tokenizer: the demo's model)",
+    )
 
-    p = commands.add_parser("bench", help="speed, cache and memory vs transformers' LlamaForCausalLM (CPU, fp32)")
-    p.add_argument("--quick", action="store_true", help="smaller model and lengths (minutes, not tens of minutes)")
-    p.add_argument("--json", default="bench_vs_llama.json", help="results file (a .md table is written beside it)")
-    p.set_defaults(run=bench)
 
-    p = commands.add_parser("convert", help="convert a Llama/Mistral checkpoint into LlamaMem and verify it")
-    p.add_argument("src", help="source model: local folder or hub id")
-    p.add_argument("dst", help="folder to save the converted model in")
-    p.add_argument("--sliding-window", type=int, help="W; defaults to the source's window, else 4096")
-    p.add_argument("--memory-rule", choices=["gated_delta", "delta"])
-    p.add_argument("--memory-layers", help="comma-separated layer indices (default: every layer)")
-    p.add_argument("--check-sequences", type=int, default=3, help="random sequences to verify the conversion on")
-    p.set_defaults(run=convert)
+def add_recall_task(tasks) -> None:
+    from .evals.recall import RecallOptions, RecallTask
 
-    p = commands.add_parser("generate", help="generate from a saved model, optionally continuing a saved memory")
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--load-memory", help="memory file written by --save-memory to continue from")
-    p.add_argument("--save-memory", help="write the memory after generating to this file")
-    p.set_defaults(run=generate)
+    def make_task(args):
+        return RecallTask(RecallOptions(gaps=tuple(args.gaps), sequences=args.sequences))
+
+    defaults = RecallOptions()
+    help = "associative recall by distance between pairs and queries (the demo's token ids)"
+    p = add_eval_task(tasks, "recall", help, make_task, reads_text=False)
+    p.add_argument(
+        "--gaps", type=nonnegative_int_list, default=list(defaults.gaps), help="distances (tokens of filler)"
+    )
+    p.add_argument("--sequences", type=positive_int, default=defaults.sequences, help="sequences per distance")
+
+
+def add_perplexity_task(tasks) -> None:
+    from .evals.perplexity import DEFAULT_WINDOW, PerplexityOptions, PerplexityTask
+
+    def make_task(args):
+        files = tuple(args.files) if args.files else None
+        options = PerplexityOptions(files=files, max_tokens=args.max_tokens, segment=args.segment, window=args.window)
+        return PerplexityTask(options)
+
+    defaults = PerplexityOptions()
+    help = "perplexity by position in long documents, read through the cache"
+    p = add_eval_task(tasks, "perplexity", help, make_task)
+    p.add_argument(
+        "--files",
+        nargs="+",
+        type=existing_file,
+        help="text documents, each at least --max-tokens tokens (default: the held-out standard-library sources)",
+    )
+    p.add_argument("--max-tokens", type=int_at_least(2), default=defaults.max_tokens, help="tokens read per document")
+    p.add_argument(
+        "--segment", type=positive_int, default=defaults.segment, help="tokens per forward through the cache"
+    )
+    p.add_argument(
+        "--window",
+        type=positive_int,
+        help=f"bucket base W (default: the model's sliding window, else {DEFAULT_WINDOW})",
+    )
+
+
+# The evaluation tasks, in the order `eval --help` lists them.
+EVAL_TASKS: dict[str, Callable] = {
+    "passkey": add_passkey_task,
+    "recall": add_recall_task,
+    "perplexity": add_perplexity_task,
+}
+
+# The subcommands, in the order `--help` lists them.
+COMMANDS: list[Callable] = [
+    add_demo_command,
+    add_convert_command,
+    add_generate_command,
+    add_eval_command,
+    add_bench_command,
+]
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="hf-llama-mem", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the whole Python traceback of an error (for a bug report)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(commands)
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        if args.traceback:
+            raise
+        parser.exit(2, f"hf-llama-mem {args.command}: error: {one_line(error)}\n")
+    except KeyboardInterrupt:
+        if args.traceback:
+            raise
+        parser.exit(130, "hf-llama-mem: interrupted\n")
 
 
 if __name__ == "__main__":

@@ -4,14 +4,20 @@ Layout of one sequence (token ids in three disjoint ranges: keys, values, filler
     k1 v1 k2 v2 ... kK vK | gap of filler tokens | k_p(1) v_p(1) ... k_p(K) v_p(K)
 where p is a random order. The answers are the values after the repeated keys; each pair is at least `gap` tokens
 (several windows) before its query, so only the memory can bring it back. Chance is 1 / num_values.
+
+`AssociativeRecall` makes the sequences (the demo trains on them) and scores one gap; `RecallTask` is the evaluation
+task (`hf-llama-mem eval recall`): accuracy by distance. The model reads token ids, so it needs no tokenizer, but its
+vocabulary must hold the task's ids (the demo model's does).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from .common import answer_accuracy, seeded_generator
+from .common import Task, answer_accuracy, figure, require, require_positive, require_values, seeded_generator
+
+__all__ = ["AssociativeRecall", "RecallOptions", "RecallTask"]
 
 
 @dataclass
@@ -66,12 +72,66 @@ class AssociativeRecall:
         gap = self.gap if gap is None else gap
         return {"accuracy": torch.cat(correct).float().mean().item(), "gap": gap, "chance": self.chance}
 
-    def evaluate_by_distance(
-        self, model, gaps: list[int], num_sequences: int = 256, seed: int = 1234, progress: bool = True
-    ) -> dict:
-        """Recall accuracy at each gap between the pairs and their queries."""
+
+@dataclass(frozen=True)
+class RecallOptions:
+    """`gaps`: the distances between the pairs and their queries; `sequences` scored at each (in batches of
+    `batch_size`); `layout`: the vocabulary and pair count, the demo's by default."""
+
+    gaps: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    sequences: int = 256
+    batch_size: int = 64
+    layout: AssociativeRecall = field(default_factory=AssociativeRecall)
+
+    def __post_init__(self):
+        require_values("gaps", self.gaps, 0)
+        require(all(isinstance(g, int) for g in self.gaps), f"gaps must be integers, got {self.gaps!r}.")
+        require_positive("sequences", self.sequences)
+        require_positive("batch_size", self.batch_size)
+
+
+class RecallTask(Task):
+    name = "recall"
+
+    def __init__(self, options: RecallOptions | None = None):
+        self.options = options or RecallOptions()
+
+    def needs_tokenizer(self) -> bool:
+        return False
+
+    def check(self, model, tokenizer=None) -> None:
+        layout = self.options.layout
+        require(
+            model.config.vocab_size >= layout.vocab_size,
+            f"The recall task needs a vocabulary of at least {layout.vocab_size} ids (the demo model's); "
+            f"this model has {model.config.vocab_size}.",
+        )
+
+    def evaluate(self, model, tokenizer=None, *, seed: int = 0, progress: bool = True) -> dict:
+        """Recall accuracy at each gap, each on the same seeded stream of pairs."""
+        layout = self.options.layout
         by_distance = {
-            str(gap): self.evaluate(model, num_sequences, gap=gap, seed=seed)["accuracy"]
-            for gap in tqdm(gaps, desc="recall", disable=not progress)
+            str(gap): layout.evaluate(model, self.options.sequences, self.options.batch_size, gap=gap, seed=seed)[
+                "accuracy"
+            ]
+            for gap in tqdm(self.options.gaps, desc="recall", disable=not progress)
         }
-        return {"task": "recall", "by_distance": by_distance, "chance": self.chance}
+        return {"task": self.name, "by_distance": by_distance, "chance": layout.chance}
+
+    def table(self, results: dict) -> str:
+        rows = ["| distance (gap) | accuracy |", "|---|---|"]
+        rows += [f"| {gap} | {accuracy:.3f} |" for gap, accuracy in results["by_distance"].items()]
+        return "\n".join(rows + [f"| chance | {results['chance']:.3f} |"])
+
+    def card_rows(self, results: dict) -> list[dict]:
+        return [
+            {"setting": f"distance {gap}", "metric": "accuracy", "value": accuracy}
+            for gap, accuracy in results["by_distance"].items()
+        ]
+
+    def plot(self, results: dict, path: str, title: str = "") -> None:
+        labels = ("distance from pair to query (tokens)", "recall accuracy")
+        with figure(path, title or self.name, *labels, log2_x=True, ylim=(-0.05, 1.05)) as axis:
+            gaps = [int(g) for g in results["by_distance"]]
+            axis.plot(gaps, list(results["by_distance"].values()), marker="o", label="accuracy")
+            axis.axhline(results["chance"], color="gray", linestyle="--", label="chance")

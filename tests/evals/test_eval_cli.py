@@ -4,6 +4,7 @@ import json
 
 import pytest
 from huggingface_hub import ModelCard
+from transformers import ByT5Tokenizer
 
 from hf_llama_mem.cli import main
 
@@ -12,7 +13,9 @@ from ..helpers import tiny_model
 
 @pytest.fixture
 def saved_model(tmp_path):
+    """A tiny LlamaMem folder with its (byte) tokenizer, whose 384 ids also hold the recall task's 144."""
     tiny_model(vocab_size=384, max_position_embeddings=4096).save_pretrained(tmp_path / "model")
+    ByT5Tokenizer().save_pretrained(tmp_path / "model")
     return str(tmp_path / "model")
 
 
@@ -40,7 +43,10 @@ def test_eval_writes_table_json_plot_and_card_rows(saved_model, tmp_path, capsys
     assert task in json.loads(open(f"{saved_model}/eval_results.json").read())
 
 
-def test_recall_refuses_a_model_whose_vocabulary_is_too_small(saved_model, tmp_path):
+def test_recall_refuses_a_model_whose_vocabulary_is_too_small(tmp_path, capsys):
     tiny_model(vocab_size=100).save_pretrained(tmp_path / "small")
-    with pytest.raises(ValueError, match="vocabulary of at least 144"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["eval", "recall", "--model", str(tmp_path / "small"), "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "vocabulary of at least 144" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "recall.json").exists()

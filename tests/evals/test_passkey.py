@@ -3,7 +3,7 @@ import torch
 from transformers import ByT5Tokenizer
 
 from hf_llama_mem.evals.common import exact_match
-from hf_llama_mem.evals.passkey import PasskeyRetrieval, RecallTokenFormat, TextFormat, summarize
+from hf_llama_mem.evals.passkey import PasskeyOptions, PasskeyTask, RecallTokenFormat, TextFormat, summarize
 from hf_llama_mem.evals.recall import AssociativeRecall
 
 from ..helpers import tiny_model
@@ -25,7 +25,7 @@ def test_exact_match_needs_every_answer_token():
 def test_text_passkey_hides_the_key_at_the_depth_and_asks_for_it_at_the_end():
     tokenizer = ByT5Tokenizer()
     fmt = TextFormat(tokenizer)
-    task = PasskeyRetrieval()
+    task = PasskeyTask()
     for depth in (0.0, 0.5, 1.0):
         sample = task.build(fmt, 400, depth, torch.Generator().manual_seed(3))
         ids, labels = sample["input_ids"][0], sample["labels"][0]
@@ -42,7 +42,7 @@ def test_text_passkey_hides_the_key_at_the_depth_and_asks_for_it_at_the_end():
 
 def test_recall_token_passkey_scores_only_the_values():
     task = AssociativeRecall()
-    sample = PasskeyRetrieval().build(RecallTokenFormat(task, digits=3), 64, 0.25, torch.Generator().manual_seed(0))
+    sample = PasskeyTask().build(RecallTokenFormat(task, digits=3), 64, 0.25, torch.Generator().manual_seed(0))
     ids, labels = sample["input_ids"][0], sample["labels"][0]
     asked = labels != -100
     assert asked.sum() == 3 and torch.equal(labels[asked], ids[asked])
@@ -53,7 +53,7 @@ def test_recall_token_passkey_scores_only_the_values():
 
 def test_lengths_shorter_than_the_passkey_are_refused():
     with pytest.raises(ValueError, match="shorter than the passkey"):
-        PasskeyRetrieval().build(TextFormat(ByT5Tokenizer()), 50, 0.5, torch.Generator())
+        PasskeyTask().build(TextFormat(ByT5Tokenizer()), 50, 0.5, torch.Generator())
 
 
 def test_summary_averages_by_length_and_depth():
@@ -77,7 +77,6 @@ def test_evaluate_scores_a_model_that_copies_perfectly():
             logits = torch.nn.functional.one_hot(nxt, 300).float()[:, -logits_to_keep:]
             return type("Output", (), {"logits": logits})
 
-    result = PasskeyRetrieval(lengths=(200,), depths=(0.0, 1.0), samples=2).evaluate(
-        Oracle(), TextFormat(ByT5Tokenizer()), progress=False
-    )
+    task = PasskeyTask(PasskeyOptions(lengths=(200,), depths=(0.0, 1.0), samples=2))
+    result = task.evaluate(Oracle(), ByT5Tokenizer(), progress=False)
     assert result["accuracy"] == 1.0
