@@ -6,8 +6,8 @@ Importing the package registers model_type "llama_mem" with AutoConfig, AutoMode
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_llama_mem import LlamaMemConfig
+from .hub import install_package_methods
 from .memory_state import generate_with_memory, load_memory, save_memory
-from .model_card import write_model_card
 from .modeling_llama_mem import LlamaMemForCausalLM, LlamaMemModel, LlamaMemPreTrainedModel
 from .peft_defaults import register_peft_defaults
 from .training import create_optimizer, memory_parameter_groups
@@ -31,6 +31,7 @@ AutoModelForCausalLM.register(LlamaMemConfig, LlamaMemForCausalLM, exist_ok=True
 LlamaMemConfig.register_for_auto_class()
 LlamaMemModel.register_for_auto_class("AutoModel")
 LlamaMemForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-# Saved folders and Hub uploads get a model card rendered from model_cards/llama_mem.md.
-LlamaMemPreTrainedModel.model_card_writer = staticmethod(write_model_card)
+# Saved folders and Hub uploads get a model card rendered from model_cards/llama_mem.md, and from_llama converts:
+# both need files the exported code does not carry.
+install_package_methods()
 register_peft_defaults()

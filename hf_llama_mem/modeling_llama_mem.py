@@ -8,11 +8,8 @@ its derivation). The cache is a stock transformers `DynamicCache`: layers of typ
 """
 
 import math
-import tempfile
-from collections.abc import Callable
 
 import torch
-from huggingface_hub import HfApi
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -179,67 +176,16 @@ class LlamaMemPreTrainedModel(PreTrainedModel):
                 init.copy_(module.decay_bias, step + torch.log(-torch.expm1(-step)))
                 init.zeros_(module.decay_log_rate)
 
-    # Writes README.md into saved folders; installed by `import hf_llama_mem` (its model_card.py renders the card
-    # from the package's template, which the exported code files do not carry).
-    model_card_writer: Callable | None = None
-
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as transformers does, with `auto_map` naming all three Auto classes, so that the folder loads with
-        `trust_remote_code=True` where hf_llama_mem is not installed (transformers writes only the saved class),
-        plus a model card when the package is installed."""
+        `trust_remote_code=True` where hf_llama_mem is not installed (transformers writes only the saved class).
+        `import hf_llama_mem` adds a model card (hub.py)."""
         self.config.auto_map = {
             "AutoConfig": "configuration_llama_mem.LlamaMemConfig",
             "AutoModel": "modeling_llama_mem.LlamaMemModel",
             "AutoModelForCausalLM": "modeling_llama_mem.LlamaMemForCausalLM",
         }
         super().save_pretrained(save_directory, *args, **kwargs)
-        if self.model_card_writer is not None and kwargs.get("is_main_process", True):
-            self.model_card_writer(self.config, save_directory, results_from=self.name_or_path)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str | None = "50GB",
-        tags: list[str] | None = None,
-    ):
-        """Upload weights, code files, config and model card, as transformers does, except that the card is this
-        model's own (transformers would replace it with a generic one)."""
-        if self.model_card_writer is None:
-            return super().push_to_hub(
-                repo_id,
-                commit_message=commit_message,
-                commit_description=commit_description,
-                private=private,
-                token=token,
-                revision=revision,
-                create_pr=create_pr,
-                max_shard_size=max_shard_size,
-                tags=tags,
-            )
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if revision is not None and not revision.startswith("refs/pr"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, max_shard_size=max_shard_size)
-            self.model_card_writer(
-                self.config, folder, results_from=self.name_or_path, model_name=repo_id, tags=tags or []
-            )
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or "Upload model",
-                commit_description=commit_description,
-                revision=revision,
-                create_pr=create_pr,
-            )
 
     def memory_parameters(self) -> list[nn.Parameter]:
         """The parameters of the memory readers (gates, decay and write projections, key convolution, read norm)."""
@@ -401,15 +347,13 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_llama(cls, source, **config_overrides) -> "LlamaMemForCausalLM":
-        """Convert a Llama-family causal LM (an instance, a local folder or a hub id) into LlamaMem.
-
-        Every source tensor is copied exactly once; the memory gates start closed, so the result equals the source
-        up to W tokens and the source with a W-token sliding window beyond, until it is trained. `config_overrides`
-        set LlamaMemConfig fields (sliding_window, memory_rule, memory_layers, ...).
-        """
-        from .convert_llama import convert_from_llama
-
-        return convert_from_llama(cls, source, **config_overrides)
+        """Convert a Llama-family causal LM into LlamaMem: `import hf_llama_mem` installs the converter here (hub.py).
+        The code files saved with a model do not carry it, so a class loaded from them alone has none."""
+        raise ImportError(
+            "LlamaMemForCausalLM.from_llama needs the hf-llama-mem package, and this class was loaded from a model "
+            "folder's code files without it: `pip install hf-llama-mem`, then call "
+            "hf_llama_mem.LlamaMemForCausalLM.from_llama(...)."
+        )
 
     def forward(
         self,

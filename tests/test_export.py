@@ -6,9 +6,14 @@ import textwrap
 import venv
 from pathlib import Path
 
+import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from .helpers import tiny_model
+from hf_llama_mem import LlamaMemForCausalLM
+
+from .helpers import TINY_DIMS, tiny_model
 
 # Runs in a separate Python environment that has torch and transformers but not hf_llama_mem.
 REMOTE_LOAD = textwrap.dedent(
@@ -45,18 +50,37 @@ def environment_without_package(root) -> str:
     return str(Path(root) / "bin" / "python")
 
 
-def test_saved_folder_is_flat_and_names_all_auto_classes(tmp_path):
+# The code a saved model carries: the model and what it imports, nothing of the package around it (conversion,
+# model cards, evals, the CLI).
+EXPORTED_CODE = {
+    "causal_lm_loss.py",
+    "configuration_llama_mem.py",
+    "memory_layer.py",
+    "memory_ops.py",
+    "modeling_llama_mem.py",
+    "windowed_attention.py",
+}
+
+
+def test_saved_folder_is_flat_holds_exactly_the_model_code_and_names_all_auto_classes(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
-    assert {
-        "configuration_llama_mem.py",
-        "modeling_llama_mem.py",
-        "memory_ops.py",
-        "causal_lm_loss.py",
-        "model.safetensors",
-    } <= files
+    assert {name for name in files if name.endswith(".py")} == EXPORTED_CODE
+    assert "model.safetensors" in files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+
+
+def test_remote_code_class_refuses_from_llama_with_how_to_install(tmp_path):
+    """The class transformers builds from the saved code files has no converter (convert_llama.py is not exported):
+    from_llama says to install the package, and the package's class converts."""
+    tiny_model().save_pretrained(tmp_path)
+    remote_class = get_class_from_dynamic_module("modeling_llama_mem.LlamaMemForCausalLM", str(tmp_path))
+    assert remote_class is not LlamaMemForCausalLM
+    llama = LlamaForCausalLM(LlamaConfig(**TINY_DIMS)).eval()
+    with pytest.raises(ImportError, match="pip install hf-llama-mem"):
+        remote_class.from_llama(llama)
+    assert isinstance(LlamaMemForCausalLM.from_llama(llama, sliding_window=8), LlamaMemForCausalLM)
 
 
 def test_trust_remote_code_loads_without_the_package_with_identical_logits(tmp_path):
