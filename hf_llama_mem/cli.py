@@ -27,11 +27,43 @@ from huggingface_hub.errors import StrictDataclassError
 USER_ERRORS = (ValueError, OSError, StrictDataclassError)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default in its help (lists as they are typed: 256,1024), unless there is none to show."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if "default" in text or any(default is v for v in (None, True, False, argparse.SUPPRESS)):
+            return text
+        shown = (
+            ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+            if isinstance(default, (list, tuple))
+            else default
+        )
+        return f"{text} (default: {shown})"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a usage error as a single line (argparse prints the whole usage block first)."""
+    """argparse, with a usage error as one line (argparse prints the whole usage block first), reported by the
+    subcommand it belongs to: `eval recall --lengths 9` is an error of `hf-llama-mem eval recall`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if getattr(namespace, "command_parser", None) is None:  # the innermost subcommand parses first
+            namespace.command_parser = self
+        return namespace, extras
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            namespace.command_parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,9 +192,9 @@ def add_demo_command(commands) -> None:
     p = commands.add_parser(
         "demo", help="train memory vs no-memory on recall beyond the window, compare (CPU, minutes)"
     )
-    p.add_argument("--output-dir", type=output_folder, default="demo_output")
+    p.add_argument("--output-dir", type=output_folder, default="demo_output", help="results, plot and model")
     p.add_argument("--steps", type=positive_int, default=600, help="training steps of each model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the models' initialisation and data")
     p.add_argument("--verbose", action="store_true", help="log the memory probe (gates, read norms) while training")
     p.set_defaults(run=demo)
 
@@ -227,8 +259,8 @@ def add_generate_command(commands) -> None:
     p = commands.add_parser("generate", help="generate from a saved model, optionally continuing a saved memory")
     p.add_argument("--model", required=True, type=model_path, help="model folder or hub id")
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--prompt", required=True, help="text to continue (a new turn after --load-memory)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy; above 0: sampling")
     p.add_argument("--load-memory", type=existing_file, help="memory file written by --save-memory to continue from")
     p.add_argument("--save-memory", type=writable_file, help="write the memory after generating to this file")
@@ -299,7 +331,7 @@ def add_eval_command(commands) -> None:
 
 def add_eval_task(tasks, name: str, help: str, make_task: Callable, reads_text: bool = True):
     """The parser of `eval NAME` with the options every task has; `make_task(args)` builds the Task."""
-    p = tasks.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = tasks.add_parser(name, help=help, description=help)
     p.add_argument("--model", required=True, type=model_path, help="model folder or hub id")
     p.add_argument("--output-dir", type=output_folder, default="eval_output", help="where TASK.json and .png go")
     p.add_argument("--seed", type=int, default=0, help="seed of the task's samples")
@@ -433,11 +465,11 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as error:
         if args.traceback:
             raise
-        parser.exit(2, f"hf-llama-mem {args.command}: error: {one_line(error)}\n")
+        parser.exit(2, f"{args.command_parser.prog}: error: {one_line(error)}\n")
     except KeyboardInterrupt:
         if args.traceback:
             raise
-        parser.exit(130, "hf-llama-mem: interrupted\n")
+        parser.exit(130, f"{args.command_parser.prog}: interrupted\n")
 
 
 if __name__ == "__main__":
