@@ -58,6 +58,37 @@ QUICK = dict(
 )
 
 
+# SmolLM2-135M-Instruct's shape (`--model smollm2`): the real model of the README's long-context results.
+SMOLLM2_DIMS = dict(
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    intermediate_size=1536,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+)
+# The fields of a model's config that decide its speed (weights do not: both models are built with random ones).
+SHAPE_FIELDS = tuple(SMOLLM2_DIMS)
+
+
+def with_model_shape(settings: dict, model: str | None) -> dict:
+    """`settings` with the dims of `model`: None keeps the benchmark's own, "smollm2" is SmolLM2-135M's shape, else
+    a model folder or hub id whose config gives the dims (and, for a LlamaMem config, the window)."""
+    if model is None:
+        return settings
+    if model == "smollm2":
+        return {**settings, "dims": dict(SMOLLM2_DIMS)}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    dims = {name: getattr(config, name) for name in SHAPE_FIELDS if getattr(config, name, None) is not None}
+    window = getattr(config, "sliding_window", None) or settings["window"]
+    return {**settings, "dims": dims, "window": window}
+
+
 def build(settings):
     torch.manual_seed(0)
     mem = LlamaMemForCausalLM(LlamaMemConfig(**settings["dims"], sliding_window=settings["window"])).eval()

@@ -69,3 +69,18 @@ def test_decode_steps_every_entry_in_turns_and_reports_each_median():
     times = decode_ms({length: (model, cache) for length, cache in caches.items()}, steps=3)
     assert set(times) == {5, 30} and all(ms > 0 for ms in times.values())
     assert [cache.get_seq_length() for cache in caches.values()] == [9, 34]  # a warm-up step and 3 timed ones each
+
+
+def test_model_shape_from_a_folder_or_the_smollm2_preset(tmp_path):
+    from hf_llama_mem.bench import FULL, SMOLLM2_DIMS, build, with_model_shape
+
+    assert with_model_shape(FULL, None) is FULL
+    assert with_model_shape(FULL, "smollm2")["dims"] == SMOLLM2_DIMS
+    tiny_model(sliding_window=12).save_pretrained(tmp_path)
+    settings = with_model_shape(FULL, str(tmp_path))
+    assert settings["window"] == 12
+    assert {k: settings["dims"][k] for k in TINY_DIMS} == TINY_DIMS
+    models = build(settings)
+    for model in models.values():
+        assert (model.config.hidden_size, model.config.num_hidden_layers) == (64, 2)
+    assert models["llama_mem"].config.sliding_window == 12
