@@ -22,8 +22,8 @@ from huggingface_hub.errors import StrictDataclassError
 # refuses bad values with ValueError (transformers and huggingface_hub do too: a bad config value, a hub id that
 # cannot be), missing or unreadable files and folders are OSError (FileNotFoundError, PermissionError, and
 # huggingface_hub's HTTP and not-found errors), and a config field of the wrong type is huggingface_hub's
-# StrictDataclassError. Anything else (TypeError, KeyError, IndexError, RuntimeError, ...) is a bug in this
-# package or its caller, and keeps its traceback so it can be reported.
+# StrictDataclassError (LlamaMemConfig's ConfigTypeError is one). Anything else (TypeError, KeyError, IndexError,
+# RuntimeError, ...) is a bug in this package or its caller, and keeps its traceback so it can be reported.
 USER_ERRORS = (ValueError, OSError, StrictDataclassError)
 
 
@@ -145,8 +145,16 @@ def model_path(text: str, allow_file: bool = False) -> str:
 
 
 def model_source(text: str) -> str:
-    """A model folder, a model file (a checkpoint such as .gguf) or a hub id."""
-    return model_path(text, allow_file=True)
+    """A model folder, a model file (a checkpoint such as .gguf), a hub id, or a name that convert_llama resolves
+    to a file ("smollm2"); returned as given, for the library to resolve."""
+    from .convert_llama import resolve_source_name
+
+    try:
+        resolved = resolve_source_name(text)
+    except OSError as error:  # a named file whose package is missing
+        raise argparse.ArgumentTypeError(str(error)) from None
+    model_path(resolved, allow_file=True)
+    return text
 
 
 def existing_file(text: str) -> str:

