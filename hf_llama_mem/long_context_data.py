@@ -1,0 +1,612 @@
+"""Seeded training samples for long-context fine-tuning, in natural language, of an exact length in any tokenizer.
+
+Five kinds (`KINDS`), each a method of `LongContextData` that returns {"input_ids", "labels", "kind", "answer"}:
+
+- "passkey": one fact with a number ("Note: the access code for the juniper vault is 48213.") hidden at a random
+  depth in a haystack, asked for at the end ("What is the access code for the juniper vault? ...").
+- "multi_needle": 2-6 such facts from different templates and subjects, asked for one by its subject; the others
+  are distractors (same template and another subject, or the same subject under another template).
+- "kv_lookup": a list of "name: number" records (three layouts) inside the haystack; one record's number is asked.
+- "variable_tracking": "Let K7 = 38210." ... "Let B12 = K7." ... chains of assignments among distractor chains;
+  asked either for the value of the chain's last variable, or for every variable that holds the chain's number.
+- "language_modelling": a stretch of natural text, loss on every token.
+
+The retrieval kinds are labelled (-100 elsewhere) only on the answer, which ends the sample. Every statement a
+question depends on ends at least `min_gap` tokens before the question (set it to the attention window W and the
+answer can only come from the memory). The haystack is, per sample, natural text (the Python documentation's
+training split, `hf_llama_mem.corpus.python_docs_files`), a few repeated everyday sentences, or both in alternation.
+The templates, sentences and names are this module's own: neither the passkey evaluation's ("The pass key is ...",
+"The grass is green.") nor RULER's ("One of the special magic numbers for ..."), so both stay held-out tests.
+
+A sample is a pure function of its seed: `LongContextStream.batch(step)` draws sample i of step s from a generator
+seeded by (seed, s, i), so a resumed run sees exactly the data an uninterrupted one would; its state is the seed and
+the next step. `Mix` weighs the kinds; `LengthCurriculum` ramps the sample length over training.
+"""
+
+import hashlib
+import html
+import random
+import re
+from bisect import bisect_right
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers.utils import logging
+
+from .corpus import python_docs_files, stdlib_source_files
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "KINDS",
+    "LengthCurriculum",
+    "LongContextData",
+    "LongContextStream",
+    "Mix",
+    "NaturalText",
+    "clean_doc_text",
+    "sample_seed",
+]
+
+KINDS = ("passkey", "multi_needle", "kv_lookup", "variable_tracking", "language_modelling")
+RETRIEVAL_KINDS = KINDS[:-1]
+DEFAULT_WEIGHTS = {
+    "passkey": 0.25,
+    "multi_needle": 0.2,
+    "kv_lookup": 0.15,
+    "variable_tracking": 0.15,
+    "language_modelling": 0.25,
+}
+
+# Facts with a number: (statement, question, answer prefix); {s} is the subject, {n} the number. "word" subjects
+# are things (the juniper vault), "person" subjects people.
+FACT_TEMPLATES = (
+    ("word", "Note: the access code for the {s} vault is {n}.", "What is the access code for the {s} vault?",
+     "The access code for the {s} vault is"),
+    ("person", "Please keep in mind that the locker assigned to {s} opens with the combination {n}.",
+     "Which combination opens the locker assigned to {s}?", "The locker assigned to {s} opens with the combination"),
+    ("word", "Memo from the front desk: the reservation number for the {s} room is {n}.",
+     "What is the reservation number for the {s} room?", "The reservation number for the {s} room is"),
+    ("word", "Important: the {s} project was filed under ticket {n}.", "Under which ticket was the {s} project filed?",
+     "The {s} project was filed under ticket"),
+    ("person", "The parcel for {s} is tracked with the code {n}, so do not lose it.",
+     "Which code tracks the parcel for {s}?", "The parcel for {s} is tracked with the code"),
+    ("person", "Write this down: {s}'s badge number is {n}.", "What is {s}'s badge number?", "{s}'s badge number is"),
+    ("word", "By the way, the {s} lighthouse was repainted in the year {n}.",
+     "In which year was the {s} lighthouse repainted?", "The {s} lighthouse was repainted in the year"),
+    ("person", "For the record, {s} keeps the spare key in drawer number {n}.",
+     "In which drawer does {s} keep the spare key?", "{s} keeps the spare key in drawer number"),
+)  # fmt: skip
+WORDS = (
+    "juniper cobalt heron saffron granite willow marigold falcon copper lantern orchid basalt thistle harbor meadow "
+    "cedar quartz velvet ember maple pebble sparrow tundra walnut indigo canyon beacon clover glacier hazel ivory "
+    "lagoon mosaic nutmeg opal prairie raven sienna timber umber violet"
+).split()
+PEOPLE = (
+    "Amara Bruno Celeste Dmitri Elena Farid Greta Hiroshi Ingrid Jonas Keira Luca Mireille Nadia Oskar Priya Quentin "
+    "Rosa Stefan Tamsin Umar Vera Wendell Ximena Yusuf Zofia Anselm Beatrix Cyrus Delphine"
+).split()
+# The repeated-sentence haystack: everyday sentences, none of which states a number.
+SENTENCES = (
+    "A light rain fell on the harbour that morning.",
+    "The baker opened the shop well before sunrise.",
+    "Trains left the station every half hour.",
+    "Someone was whistling an old tune in the courtyard.",
+    "The clock in the hall struck the hour.",
+    "Small boats rocked against the wooden pier.",
+    "A cat slept on the warm windowsill.",
+    "The library closed early on Fridays.",
+    "Dry leaves drifted across the empty square.",
+    "The kettle began to hum on the stove.",
+    "Children drew pictures on the pavement with chalk.",
+    "A delivery van stopped outside the post office.",
+    "The river ran quietly under the stone bridge.",
+    "Clouds gathered slowly over the hills.",
+    "The market stalls were piled with apples and pears.",
+    "A bell rang somewhere across the valley.",
+    "The street lamps came on one by one.",
+    "Fresh snow covered the mountain path.",
+    "The ferry crossed the bay twice a day.",
+    "An owl called from the edge of the forest.",
+    "The gardener trimmed the hedges along the lane.",
+    "Music drifted out of an open window.",
+    "The fishermen mended their nets on the quay.",
+    "A gust of wind rattled the shutters.",
+)
+QUESTION_STYLES = ("\n\nQuestion: {q}\nAnswer: {a}", "\n\n{q} {a}", "\n\nBased on the text above: {q}\n{a}")
+RECORD_STYLES = (
+    ("Directory of entries (name: number):\n", "{k}: {v}\n"),
+    ("Reference table.\n", "- {k} -> {v}\n"),
+    ("The registry lists the following entries.\n", "Entry {k} carries the number {v}.\n"),
+)
+RECORD_QUESTIONS = (
+    ("Which number does the list give for {k}?", "The number listed for {k} is"),
+    ("Look up {k} in the entries above. What is its number?", "The number of {k} is"),
+)
+VARIABLE_STYLES = ("Let {x} = {y}.", "Set {x} to {y}.", "Assign {y} to {x}.")
+
+
+def sample_seed(*parts) -> int:
+    """A 64-bit seed from any parts (seed, step, index, ...), the same on every machine and Python run."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+_ROLE = re.compile(r":[\w:+.-]+:`(?:[^`<]*<)?([^`>]*)>?`")
+_LINK = re.compile(r"`([^`<]+?)\s*<[^`>]*>`__?")
+_VERSION_NOTE = re.compile(r"^(\s*)\.\. (versionadded|versionchanged|deprecated):: *(\S+)", re.MULTILINE)
+_VERSION_WORDS = {"versionadded": "New in version", "versionchanged": "Changed in version"}
+_METADATA = re.compile(
+    r"^\s*\.\. (module|moduleauthor|sectionauthor|include|index|highlight|currentmodule|toctree|program|"
+    r"testsetup|testcleanup|literalinclude|raw|only|rst-class|c:\w+|cmdoption|envvar|opcode|audit-event)::.*$\n?",
+    re.MULTILINE,
+)
+_DIRECTIVE = re.compile(r"^(\s*)\.\. [\w:-]+::\s*", re.MULTILINE)
+_COMMENT = re.compile(r"^\s*\.\.(?: .*)?$\n?", re.MULTILINE)
+_OPTION = re.compile(r"^\s+:[\w-]+:(?: .*)?$\n?", re.MULTILINE)
+_UNDERLINE = re.compile(r"^([=\-~^\"'`#*+])\1{3,}\s*$\n?", re.MULTILINE)
+_TAG = re.compile(r"<(script|style)\b.*?</\1>|<[^>]+>", re.DOTALL | re.IGNORECASE)
+
+
+def clean_doc_text(text: str, html_page: bool = False) -> str:
+    """The prose of a documentation page: reST markup (roles, links, directive markers and options, heading
+    underlines, inline literals) or HTML tags removed, blank-line runs collapsed."""
+    if html_page:
+        text = html.unescape(_TAG.sub("", text))
+    else:
+        text = _ROLE.sub(r"\1", text)
+        text = _LINK.sub(r"\1", text)
+        text = _METADATA.sub("", text)
+        text = _OPTION.sub("", text)
+        text = _VERSION_NOTE.sub(
+            lambda m: f"{m[1]}{_VERSION_WORDS.get(m[2], 'Deprecated since version')} {m[3]}.", text
+        )
+        text = _DIRECTIVE.sub(r"\1", text)
+        text = _COMMENT.sub("", text)
+        text = _UNDERLINE.sub("", text)
+        text = text.replace("``", "").replace("**", "")
+        text = re.sub(r"^\s*::\s*$", "", text, flags=re.MULTILINE)  # a literal block's marker on its own line
+        text = re.sub(r"::$", ":", text, flags=re.MULTILINE)  # "for example::" reads "for example:"
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n\n"
+
+
+class NaturalText:
+    """Token stretches of natural text from a list of files, drawn in proportion to file size.
+
+    Each document is tokenized on first use, paragraph by paragraph (a paragraph ends at a blank line), so the
+    paragraph ends are known: a needle is inserted only there, never inside a word. `draw(n, rng)` starts at a random
+    paragraph of a random document and runs on through the next documents until it has n tokens.
+    """
+
+    def __init__(self, tokenizer, files: list[str]):
+        if not files:
+            raise ValueError("NaturalText needs at least one file.")
+        self.tokenizer = tokenizer
+        self.files = list(files)
+        sizes = [max(Path(f).stat().st_size, 1) for f in self.files]
+        total, self.cumulative = 0, []
+        for size in sizes:
+            total += size
+            self.cumulative.append(total)
+        self._documents: dict[int, tuple[list[int], list[int]]] = {}
+
+    @classmethod
+    def for_split(cls, tokenizer, split: str = "train") -> "NaturalText":
+        """The Python documentation's `split` ("train" or "eval"); the standard library's sources where the
+        documentation is not installed."""
+        try:
+            files = python_docs_files(split)
+        except FileNotFoundError as error:
+            logger.warning(f"{error} Falling back to the standard library's source files as natural text.")
+            files = stdlib_source_files(split)
+        return cls(tokenizer, files)
+
+    def document(self, index: int) -> tuple[list[int], list[int]]:
+        """(tokens, paragraph starts) of document `index`; the first start is 0."""
+        if index not in self._documents:
+            path = self.files[index]
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+            if path.endswith((".txt", ".html")):
+                text = clean_doc_text(text, html_page=path.endswith(".html"))
+            paragraphs = [p + "\n\n" for p in re.split(r"\n\s*\n", text) if p.strip()] or ["\n\n"]
+            encoded = self.tokenizer(paragraphs, add_special_tokens=False, verbose=False).input_ids
+            tokens, starts = [], []
+            for ids in encoded:
+                if ids:
+                    starts.append(len(tokens))
+                    tokens.extend(ids)
+            self._documents[index] = (tokens, starts)
+        return self._documents[index]
+
+    def draw(self, n: int, rng: random.Random) -> tuple[list[int], list[int]]:
+        """n tokens of text and the offsets where a paragraph starts (0 first; all < n)."""
+        index = bisect_right(self.cumulative, rng.randrange(self.cumulative[-1]))
+        tokens, starts = self.document(index)
+        first = rng.choice(starts) if starts else 0
+        out, boundaries = [], []
+        while len(out) < n:
+            boundaries.extend(len(out) + s - first for s in starts if s >= first)
+            out.extend(tokens[first:])
+            index, first = (index + 1) % len(self.files), 0
+            tokens, starts = self.document(index)
+        return out[:n], [b for b in boundaries if b < n]
+
+
+@dataclass
+class Mix:
+    """The kinds of sample and their weights (normalised; zero-weight kinds are never drawn)."""
+
+    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+
+    def __post_init__(self):
+        unknown = sorted(set(self.weights) - set(KINDS))
+        if unknown:
+            raise ValueError(f"Unknown sample kinds {unknown}; the kinds are {list(KINDS)}.")
+        if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+            raise ValueError(f"Mix weights must be >= 0 with a positive sum, got {self.weights}.")
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k for k in KINDS if self.weights.get(k, 0) > 0]
+
+    def choose(self, rng: random.Random) -> str:
+        kinds = self.kinds
+        return rng.choices(kinds, weights=[self.weights[k] for k in kinds])[0]
+
+
+@dataclass
+class LengthCurriculum:
+    """Sample length by training step: `start` tokens at step 0, rising linearly to `end` at step `ramp_steps` and
+    staying there, in multiples of `multiple_of` (the end itself excepted). `ramp_steps` 0: always `end`."""
+
+    start: int = 512
+    end: int = 2048
+    ramp_steps: int = 0
+    multiple_of: int = 64
+
+    def __post_init__(self):
+        if not 1 <= self.start <= self.end:
+            raise ValueError(f"Lengths need 1 <= start <= end, got start={self.start}, end={self.end}.")
+        if self.ramp_steps < 0 or self.multiple_of < 1:
+            raise ValueError(
+                f"ramp_steps must be >= 0 and multiple_of >= 1, got {self.ramp_steps}, {self.multiple_of}."
+            )
+
+    def length(self, step: int) -> int:
+        if self.ramp_steps == 0 or step >= self.ramp_steps:
+            return self.end
+        grown = (self.end - self.start) * step / self.ramp_steps
+        return self.start + int(grown // self.multiple_of) * self.multiple_of
+
+
+class LongContextData:
+    """The generators of the five kinds for one tokenizer.
+
+    Args:
+        tokenizer: any Hugging Face tokenizer; text is encoded without special tokens, and a BOS token starts each
+            sample if the tokenizer adds one by default.
+        text: the natural-text source (default: the Python documentation's training split).
+        min_gap: tokens that at least separate every statement a question depends on from the question.
+        digits: the lengths the numbers may have (drawn uniformly per number).
+        haystacks: weights of the haystack styles "natural", "repeated" and "mixed".
+        chat_fraction: the share of retrieval samples put in the tokenizer's chat template (context and question as
+            the user's turn, the answer as the assistant's); 0 for tokenizers without one.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        text: NaturalText | None = None,
+        min_gap: int = 0,
+        digits: tuple[int, ...] = (4, 5, 6, 7),
+        haystacks: dict[str, float] | None = None,
+        chat_fraction: float = 0.0,
+    ):
+        self.tokenizer = tokenizer
+        self.text = text if text is not None else NaturalText.for_split(tokenizer, "train")
+        self.min_gap = min_gap
+        self.digits = tuple(digits)
+        self.haystacks = haystacks or {"natural": 0.4, "repeated": 0.3, "mixed": 0.3}
+        if min_gap < 0 or not self.digits or min(self.digits) < 1:
+            raise ValueError(f"min_gap must be >= 0 and digits positive, got {min_gap}, {digits}.")
+        bos = tokenizer.bos_token_id
+        self.prefix = [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
+        self.chat = self._chat_parts() if chat_fraction > 0 else None
+        self.chat_fraction = chat_fraction if self.chat is not None else 0.0
+        if chat_fraction > 0 and self.chat is None:
+            logger.warning("The tokenizer has no chat template: chat_fraction is ignored.")
+
+    def describe(self) -> dict:
+        """What the samples are made of, for a record of the training data."""
+        files = self.text.files
+        return {
+            "generator": "hf_llama_mem.long_context_data",
+            "text_files": len(files),
+            "text_root": str(Path(files[0]).parent) if files else None,
+            "min_gap": self.min_gap,
+            "digits": list(self.digits),
+            "haystacks": self.haystacks,
+            "chat_fraction": self.chat_fraction,
+            "fact_templates": len(FACT_TEMPLATES),
+        }
+
+    # --- building blocks --------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+
+    def number(self, rng: random.Random) -> str:
+        digits = rng.choice(self.digits)
+        return str(rng.randrange(10 ** (digits - 1), 10**digits)) if digits > 1 else str(rng.randrange(10))
+
+    def _chat_parts(self) -> tuple[list[int], list[int]] | None:
+        """Token ids before the user's turn and between the user's turn and the assistant's text."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            return None
+        user, reply = "\x01USER\x01", "\x01REPLY\x01"
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}, {"role": "assistant", "content": reply}], tokenize=False
+        )
+        if user not in text or reply not in text:
+            return None
+        head, rest = text.split(user, 1)
+        middle = rest.split(reply, 1)[0]
+        return self.encode(head), self.encode(middle)
+
+    def repeated(self, n: int, rng: random.Random) -> tuple[list[int], list[int]]:
+        """n tokens of a few everyday sentences repeated in a cycle, and the sentence starts."""
+        cycle = [self.encode(s + " ") for s in rng.sample(SENTENCES, rng.randint(3, 8))]
+        out, starts, i = [], [], 0
+        while len(out) < n:
+            starts.append(len(out))
+            out.extend(cycle[i % len(cycle)])
+            i += 1
+        return out[:n], [s for s in starts if s < n]
+
+    def haystack(self, n: int, rng: random.Random) -> tuple[list[int], list[int]]:
+        """n tokens of filler and the offsets where a statement may be inserted (0 included)."""
+        if n <= 0:
+            return [], [0]
+        styles = list(self.haystacks)
+        style = rng.choices(styles, weights=[self.haystacks[s] for s in styles])[0]
+        if style == "natural":
+            return self.text.draw(n, rng)
+        if style == "repeated":
+            return self.repeated(n, rng)
+        # Alternating parts of 64-384 tokens, each cut at its last paragraph or sentence start past its middle.
+        out, starts, natural = [], [], rng.random() < 0.5
+        while len(out) < n:
+            size = min(n - len(out), rng.randint(64, 384))
+            part, part_starts = self.text.draw(size, rng) if natural else self.repeated(size, rng)
+            if len(out) + size < n:
+                cut = max((s for s in part_starts if s > size // 2), default=size)
+                part, part_starts = part[:cut], [s for s in part_starts if s < cut]
+            starts.extend(len(out) + s for s in part_starts)
+            out.extend(part)
+            natural = not natural
+        return out, starts
+
+    def assemble(
+        self, kind: str, statements: list[list[int]], question: str, answer_prefix: str, answer: str, length: int,
+        rng: random.Random,
+    ) -> dict:  # fmt: skip
+        """A sample of exactly `length` tokens: haystack with `statements` inserted in order (each ending at least
+        `min_gap` tokens before the question), then the question and the labelled answer."""
+        answer_ids = self.encode(" " + answer)
+        chat = self.chat is not None and rng.random() < self.chat_fraction
+        if chat:
+            head, middle = self.chat
+            tail = self.encode("\n\n" + question) + middle + self.encode(answer_prefix)
+        else:
+            head = []
+            tail = self.encode(rng.choice(QUESTION_STYLES).format(q=question, a=answer_prefix))
+        inserted = sum(len(s) for s in statements)
+        n = length - len(self.prefix) - len(head) - inserted - len(tail) - len(answer_ids)
+        if n < self.min_gap:
+            raise ValueError(
+                f"A {kind} sample of {length} tokens has room for {max(n, 0)} filler tokens, fewer than "
+                f"min_gap={self.min_gap}: use a longer length or a smaller min_gap."
+            )
+        filler, starts = self.haystack(n, rng)
+        limit = n - self.min_gap
+        allowed = [s for s in starts if s <= limit] or [0]
+        # Each statement at a uniformly random point of the allowed part, moved back to the nearest paragraph or
+        # sentence start; their order is kept.
+        positions = sorted(allowed[bisect_right(allowed, rng.randint(0, limit)) - 1] for _ in statements)
+        ids, previous = list(self.prefix) + head, 0
+        for position, statement in zip(positions, statements, strict=True):
+            ids += filler[previous:position] + statement
+            previous = position
+        ids += filler[previous:] + tail
+        labels = [-100] * len(ids) + answer_ids
+        ids += answer_ids
+        assert len(ids) == length, (len(ids), length)
+        return {"input_ids": ids, "labels": labels, "kind": kind, "answer": answer}
+
+    def room(self, length: int, question: str, answer_prefix: str, answer: str) -> int:
+        """How many tokens of statements a sample of `length` tokens has room for at most: the question in its
+        longest style, the answer and min_gap tokens of filler take the rest."""
+        head = len(self.chat[0]) + len(self.chat[1]) if self.chat is not None else 0
+        asked = self.encode(QUESTION_STYLES[2].format(q=question, a=answer_prefix)) + self.encode(" " + answer)
+        return length - len(self.prefix) - head - len(asked) - self.min_gap
+
+    def statement(self, text: str, rng: random.Random) -> list[int]:
+        """A statement as its own line or inline between sentences."""
+        return self.encode(rng.choice(("\n{}\n", " {} ")).format(text))
+
+    def fact(self, template, subject: str, number: str) -> tuple[str, str, str]:
+        _, statement, question, prefix = template
+        return statement.format(s=subject, n=number), question.format(s=subject), prefix.format(s=subject)
+
+    def subject(self, template, rng: random.Random, taken: set) -> str:
+        pool = WORDS if template[0] == "word" else PEOPLE
+        choices = [s for s in pool if (template, s) not in taken]
+        subject = rng.choice(choices)
+        taken.add((template, subject))
+        return subject
+
+    # --- the kinds ----------------------------------------------------------------------------------------------
+
+    def passkey(self, length: int, rng: random.Random) -> dict:
+        template = rng.choice(FACT_TEMPLATES)
+        number = self.number(rng)
+        statement, question, prefix = self.fact(template, self.subject(template, rng, set()), number)
+        return self.assemble("passkey", [self.statement(statement, rng)], question, prefix, number, length, rng)
+
+    def multi_needle(self, length: int, rng: random.Random) -> dict:
+        count = rng.randint(2, 6)
+        target = rng.choice(FACT_TEMPLATES)
+        taken: set = set()
+        facts = [(target, self.subject(target, rng, taken))]
+        for _ in range(count - 1):
+            if rng.random() < 0.5:  # the same template about another subject
+                facts.append((target, self.subject(target, rng, taken)))
+            else:  # another template, sometimes about the same subject
+                other = rng.choice([t for t in FACT_TEMPLATES if t is not target])
+                same = other[0] == target[0] and (other, facts[0][1]) not in taken and rng.random() < 0.5
+                subject = facts[0][1] if same else self.subject(other, rng, taken)
+                taken.add((other, subject))
+                facts.append((other, subject))
+        numbers: list[str] = []
+        while len(numbers) < len(facts):
+            number = self.number(rng)
+            if number not in numbers:
+                numbers.append(number)
+        rendered = [self.fact(t, s, n) for (t, s), n in zip(facts, numbers, strict=True)]
+        order = list(range(len(facts)))
+        rng.shuffle(order)
+        statements = [self.statement(rendered[i][0], rng) for i in order]
+        _, question, prefix = rendered[0]
+        room = self.room(length, question, prefix, numbers[0])
+        while len(order) > 1 and sum(map(len, statements)) > room:  # the distractors that do not fit
+            j = next(j for j in reversed(range(len(order))) if order[j] != 0)
+            del order[j], statements[j]
+        return self.assemble("multi_needle", statements, question, prefix, numbers[0], length, rng)
+
+    def kv_lookup(self, length: int, rng: random.Random) -> dict:
+        header, line = rng.choice(RECORD_STYLES)
+        # The records take 15-60% of the sample, less where min_gap and the question need the room.
+        per_record = len(self.encode(line.format(k="marigold-sparrow", v="1234567")))
+        budget = min(int(length * rng.uniform(0.15, 0.6)), length - len(self.prefix) - self.min_gap - 96)
+        count = rng.randint(2, max(2, min(budget // max(per_record, 1), 200)))
+        names = set()
+        while len(names) < count:
+            names.add(f"{rng.choice(WORDS)}-{rng.choice(WORDS)}")
+        keys = sorted(names)
+        rng.shuffle(keys)
+        values = [self.number(rng) for _ in keys]
+        lines = [line.format(k=k, v=v) for k, v in zip(keys, values, strict=True)]
+        records = self.encode("\n" + header) + [t for text in lines for t in self.encode(text)]
+        asked = rng.randrange(count)
+        question, prefix = rng.choice(RECORD_QUESTIONS)
+        k = keys[asked]
+        return self.assemble(
+            "kv_lookup", [records], question.format(k=k), prefix.format(k=k), values[asked],
+            length, rng,
+        )  # fmt: skip
+
+    def variable_tracking(self, length: int, rng: random.Random) -> dict:
+        chains, names, numbers = [], set(), set()
+        for _ in range(rng.randint(1, 3)):  # the first chain is asked about, the others distract
+            number = self.number(rng)
+            while number in numbers:
+                number = self.number(rng)
+            numbers.add(number)
+            chain = []
+            for _ in range(rng.randint(2, 5)):
+                name = f"{rng.choice('ABCDEFGHJKLMNPQRSTUVWXYZ')}{rng.randint(1, 99)}"
+                while name in names:
+                    name = f"{rng.choice('ABCDEFGHJKLMNPQRSTUVWXYZ')}{rng.randint(1, 99)}"
+                names.add(name)
+                chain.append(name)
+            chains.append((number, chain))
+        # Distractor chains, then links of the asked chain, that do not fit the sample's room.
+        per_statement = len(self.encode(" Assign 1234567 to W99. "))
+        room = self.room(length, "Which variables hold the value 1234567?", "The variables that hold 1234567 are", "")
+        while sum(len(c) for _, c in chains) * per_statement + 4 * len(chains[0][1]) > room:
+            if len(chains) > 1:
+                chains.pop()
+            elif len(chains[0][1]) > 1:
+                chains[0][1].pop()
+            else:
+                break
+        # Statements in an order that keeps each chain's own order (a variable is assigned before it is copied).
+        pending = [[(x, number if i == 0 else chain[i - 1]) for i, x in enumerate(chain)] for number, chain in chains]
+        statements = []
+        while any(pending):
+            queue = rng.choice([q for q in pending if q])
+            x, y = queue.pop(0)
+            statements.append(self.statement(rng.choice(VARIABLE_STYLES).format(x=x, y=y), rng))
+        number, chain = chains[0]
+        if rng.random() < 0.5:
+            question, prefix, answer = f"What is the value of {chain[-1]}?", f"The value of {chain[-1]} is", number
+        else:
+            question = f"Which variables hold the value {number}?"
+            prefix, answer = f"The variables that hold {number} are", ", ".join(chain)
+        return self.assemble("variable_tracking", statements, question, prefix, answer, length, rng)
+
+    def language_modelling(self, length: int, rng: random.Random) -> dict:
+        tokens, _ = self.text.draw(length - len(self.prefix), rng)
+        ids = list(self.prefix) + tokens
+        return {"input_ids": ids, "labels": list(ids), "kind": "language_modelling", "answer": ""}
+
+    def generate(self, kind: str, length: int, rng: random.Random | int) -> dict:
+        """One sample of `kind` and exactly `length` tokens; `rng` a random.Random or a seed."""
+        if kind not in KINDS:
+            raise ValueError(f"Unknown sample kind {kind!r}; the kinds are {list(KINDS)}.")
+        rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+        return getattr(self, kind)(length, rng)
+
+
+@dataclass
+class LongContextStream:
+    """Batches for training: at step s, `batch_size` samples of the curriculum's length, kinds drawn by the mix.
+
+    Sample i of step s depends only on (seed, s, i), so any step can be rebuilt; the state (for checkpoints) is the
+    seed and the next step that `next_batch` will give."""
+
+    data: LongContextData
+    mix: Mix = field(default_factory=Mix)
+    curriculum: LengthCurriculum = field(default_factory=LengthCurriculum)
+    batch_size: int = 4
+    seed: int = 0
+    next_step: int = 0
+
+    def batch(self, step: int) -> list[dict]:
+        length = self.curriculum.length(step)
+        samples = []
+        for index in range(self.batch_size):
+            rng = random.Random(sample_seed(self.seed, step, index))
+            samples.append(self.data.generate(self.mix.choose(rng), length, rng))
+        return samples
+
+    def next_batch(self) -> list[dict]:
+        batch = self.batch(self.next_step)
+        self.next_step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "next_step": self.next_step,
+            "batch_size": self.batch_size,
+            "mix": dict(self.mix.weights),
+            "curriculum": asdict(self.curriculum),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        differ = [k for k in ("seed", "batch_size", "mix", "curriculum") if state.get(k) != mine[k]]
+        if differ:
+            raise ValueError(f"The saved data stream differs in {differ}: saved {state}, here {mine}.")
+        self.next_step = int(state["next_step"])
+
+
+def as_tensors(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Samples of one length -> input_ids and labels [batch, length]."""
+    return {
+        "input_ids": torch.tensor([s["input_ids"] for s in samples]),
+        "labels": torch.tensor([s["labels"] for s in samples]),
+    }
