@@ -10,7 +10,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .configuration_llama_mem import LlamaMemConfig
-from .memory_ops import chunk_gated_delta_rule, gated_delta_write_, recurrent_gated_delta_rule
+from .memory_ops import chunk_gated_delta_rule, gated_delta_write_
+from .windowed_attention import WindowView
 
 __all__ = ["L2_EPS", "LlamaMemMemory", "MemoryReadRMSNorm", "l2_normalize"]
 
@@ -42,9 +43,11 @@ class MemoryReadRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(head_dim))
         self.eps = eps
 
-    def forward(self, read: torch.Tensor, query: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """read, query [B, T, H, D] float32; gate [H]."""
-        if torch.is_grad_enabled() and any(x.requires_grad for x in (read, query, self.weight, gate)):
+    def forward(
+        self, read: torch.Tensor, query: torch.Tensor, gate: torch.Tensor, differentiable: bool = True
+    ) -> torch.Tensor:
+        """read, query [B, T, H, D] float32; gate [H]. `differentiable`: the forward records gradients."""
+        if differentiable:
             return _ReadNorm.apply(read, query, self.weight, gate, self.eps)
         # Nothing to differentiate (prefill, decode): the same arithmetic without an autograd Function's overhead,
         # which in a decode step costs more than the arithmetic.
@@ -125,7 +128,7 @@ class LlamaMemMemory(nn.Module):
             return self.read(*args)
         raise ValueError(f"step must be 'write' or 'read', got {step!r}.")
 
-    def entries(self, hidden_states, key, value, token_valid, layer_cache) -> torch.Tensor:
+    def entries(self, hidden_states, key, value, token_valid, layer_cache, decoding: bool) -> torch.Tensor:
         """What this call's tokens will write: [value | memory key | g | beta], [B, Hkv, T, 2D + 2] in the model dtype.
 
         hidden_states [B, T, hidden]; key (pre-RoPE), value [B, Hkv, T, D]. Padded tokens write nothing.
@@ -140,7 +143,7 @@ class LlamaMemMemory(nn.Module):
             layer_cache.conv_states[0] if has_previous else conv_input.new_zeros(batch, conv_input.shape[1], taps)
         )
         padded = torch.cat([previous, conv_input], dim=-1)
-        if length <= SHORT_CONV_LENGTH:  # decode: a weighted sum of the taps beats a convolution call
+        if decoding:  # a weighted sum of the taps beats a convolution call
             windows = padded.unfold(-1, taps + 1, 1)  # [B, C, T, taps + 1]
             memory_key = (windows * self.key_conv.weight).sum(-1)  # weight [C, 1, taps + 1]
         else:
@@ -160,7 +163,7 @@ class LlamaMemMemory(nn.Module):
         scalars = torch.stack([g, beta], dim=-1).transpose(1, 2)  # [B, Hkv, T, 2]
         return torch.cat([value, memory_key.to(value.dtype), scalars.to(value.dtype)], dim=-1)
 
-    def read(self, query, window_entries, cached, layer_cache) -> torch.Tensor:
+    def read(self, query, window_entries, view: WindowView, layer_cache) -> torch.Tensor:
         """Memory read for every query: [B, T, H, D] in float32, normed and gated.
 
         query: pre-RoPE [B, H, T, D]. window_entries: [B, Hkv, cached + T, 2D + 2], the cached window followed by
@@ -172,12 +175,12 @@ class LlamaMemMemory(nn.Module):
         state = None
         if layer_cache is not None and layer_cache.is_recurrent_states_initialized[0]:
             state = layer_cache.recurrent_states[0]
-        if layer_cache is not None and length == 1:
-            return self.decode_read(query, window_entries, cached, layer_cache, state)
+        if view.decoding:
+            return self.decode_read(query, window_entries, view, layer_cache, state)
         # With a cache the final state must include the token that leaves at the last step: one more stream entry,
         # read by a zero query.
         stream_length = length + (layer_cache is not None)
-        no_ops = min(self.window - cached, stream_length)
+        no_ops = min(self.window - view.cached, stream_length)
         entries = window_entries[:, :, : stream_length - no_ops].transpose(1, 2)
         # The query's L2 normalisation is folded into the read norm (MemoryReadRMSNorm).
         memory_query = query.transpose(1, 2).float()
@@ -191,10 +194,7 @@ class LlamaMemMemory(nn.Module):
         if entries.shape[1] > reading.shape[1]:  # zero queries for the entries after the last token (a cache's)
             read_query = F.pad(reading, (0, 0, 0, 0, 0, entries.shape[1] - reading.shape[1]))
         value, key, g, beta = entries.split([self.head_dim, self.head_dim, 1, 1], dim=-1)
-        op_length = read_query.shape[1]
-        op_kwargs = {"chunk_size": self.chunk_size} if op_length > 2 else {}
-        op = chunk_gated_delta_rule if op_length > 2 else recurrent_gated_delta_rule
-        read, final_state = op(
+        read, final_state = chunk_gated_delta_rule(
             read_query,
             key,
             value,
@@ -203,14 +203,14 @@ class LlamaMemMemory(nn.Module):
             scale=1.0,
             initial_state=state,
             output_final_state=layer_cache is not None,
-            **op_kwargs,
+            chunk_size=self.chunk_size,
         )
         if layer_cache is not None:
             layer_cache.update_recurrent_state(final_state.contiguous())  # decode updates it in place, as a view
-        normed = self.read_norm(read[:, : reading.shape[1]], reading, self.gate)
+        normed = self.read_norm(read[:, : reading.shape[1]], reading, self.gate, view.differentiable)
         return F.pad(normed, (0, 0, 0, 0, skipped, 0)) if skipped else normed
 
-    def decode_read(self, query, window_entries, cached, layer_cache, state) -> torch.Tensor:
+    def decode_read(self, query, window_entries, view: WindowView, layer_cache, state) -> torch.Tensor:
         """`read` for one new token with a cache (a decode step): read S, then fold in the token that leaves the
         window now, if the window is full: the general path's result (the reference recurrence over a no-op and that
         token) in a few products instead of a few dozen small ops per layer. S is updated in place in the cache, where
@@ -223,9 +223,9 @@ class LlamaMemMemory(nn.Module):
             state = layer_cache.update_recurrent_state(empty)
         memory_query = query.float().view(batch * num_heads, num_q_heads // num_heads, head_dim)
         read = torch.bmm(memory_query, state.view(batch * num_heads, head_dim, head_dim))  # [B Hkv, G, D]
-        if cached == self.window - 1:
+        if view.cached == self.window - 1:
             leaving = window_entries[:, :, 0].float()  # [B, Hkv, 2D + 2]
             value, key, g, beta = leaving.split([head_dim, head_dim, 1, 1], dim=-1)
             gated_delta_write_(state, key, value, g, beta)
         shape = (batch, 1, num_q_heads, head_dim)
-        return self.read_norm(read.view(shape), memory_query.view(shape), self.gate)
+        return self.read_norm(read.view(shape), memory_query.view(shape), self.gate, view.differentiable)

@@ -95,7 +95,7 @@ class LlamaMemAttention(nn.Module):
                 leaving = length - view.window
                 writes = tuple(x[..., :leaving, :] for x in writes)  # each [..., T, dim]
                 token_valid = None if token_valid is None else token_valid[:, :leaving]
-            entries = self.memory("write", *writes, token_valid, memory_cache)
+            entries = self.memory("write", *writes, token_valid, memory_cache, view.decoding)
             if layer_cache is not None:
                 stored = entries
         cos, sin = position_embeddings
@@ -117,7 +117,7 @@ class LlamaMemAttention(nn.Module):
         )
         if self.memory is not None:
             window_entries = stored if layer_cache is not None else entries
-            read = self.memory("read", query, window_entries, view.cached, memory_cache)
+            read = self.memory("read", query, window_entries, view, memory_cache)
             output = output + read.to(output.dtype)
         return self.o_proj(output.reshape(batch, length, -1))
 
@@ -222,13 +222,18 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
+        check_no_attention_weights(output_attentions, self.config)
         cache = resolve_cache_argument(cache, past_key_values)
         inputs_embeds = self.embed(input_ids, inputs_embeds)
         batch, length = inputs_embeds.shape[:2]
+        differentiable = torch.is_grad_enabled() and (
+            inputs_embeds.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache):
+        if self.gradient_checkpointing and self.training and differentiable and (use_cache or cache):
             logger.warning_once("Gradient checkpointing replays layers, which would write the memory twice: no cache.")
             use_cache, cache = False, None
         if use_cache and cache is None:
@@ -242,7 +247,9 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         )
         # A long prefill runs segment by segment through the cache (exactly equal, as any prefill split is): peak
         # memory stays that of one segment, and the working set stays small enough to be fast.
-        segment = PREFILL_SEGMENT if cache is not None and not torch.is_grad_enabled() else max(length, 1)
+        segment = PREFILL_SEGMENT if cache is not None and not differentiable else max(length, 1)
+        # The one decode/prefill decision of this forward; WindowView lists the paths it selects.
+        modes = dict(decoding=cache is not None and length == 1, differentiable=differentiable)
         pieces = []
         for start in range(0, max(length, 1), segment):
             end = min(start + segment, length)
@@ -254,6 +261,7 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
                     cache,
                     past + start,
                     output_hidden_states,
+                    modes,
                 )
             )
         if len(pieces) == 1:
@@ -270,11 +278,12 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
 
-    def run_layers(self, inputs_embeds, attention_mask, position_ids, cache, past, output_hidden_states):
+    def run_layers(self, inputs_embeds, attention_mask, position_ids, cache, past, output_hidden_states, modes):
         """Every layer over one piece of the input, `past` tokens after the start; returns the final normed hidden
-        states, after each layer's input when output_hidden_states."""
+        states, after each layer's input when output_hidden_states. `modes`: WindowView's decoding and
+        differentiable."""
         length = inputs_embeds.shape[1]
-        view = make_window_view(self.config.sliding_window, past, attention_mask, inputs_embeds.device)
+        view = make_window_view(self.config.sliding_window, past, attention_mask, inputs_embeds.device, **modes)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past, length, inputs_embeds.device)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
@@ -293,10 +302,13 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
             return inputs_embeds
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}.")
-        out_of_range = (input_ids < 0) | (input_ids >= self.config.vocab_size)
-        if out_of_range.any():
-            bad = input_ids[out_of_range][0].item()
-            raise ValueError(f"Token id {bad} is outside [0, vocab_size={self.config.vocab_size}).")
+        # Ids on the CPU are checked for a clear error (a host reduction, no device to wait for); on an accelerator,
+        # as in transformers' Llama, they are not: reading the result back would stall every forward.
+        if input_ids.device.type == "cpu" and input_ids.numel():
+            low, high = torch.aminmax(input_ids)
+            if low < 0 or high >= self.config.vocab_size:
+                bad = (low if low < 0 else high).item()
+                raise ValueError(f"Token id {bad} is outside [0, vocab_size={self.config.vocab_size}).")
         return self.embed_tokens(input_ids)
 
 
@@ -315,6 +327,14 @@ def check_cache_batch(cache: Cache | None, batch: int) -> None:
         keys = getattr(layer, "keys", None)
         if keys is not None and keys.numel() and keys.shape[0] != batch:
             raise ValueError(f"The cache holds a batch of {keys.shape[0]} sequences, but the input has {batch}.")
+
+
+def check_no_attention_weights(output_attentions: bool | None, config: LlamaMemConfig) -> None:
+    if output_attentions if output_attentions is not None else config.output_attentions:
+        raise ValueError(
+            "output_attentions=True is not supported: LlamaMem attends over its window in blocks and reads the "
+            "older tokens from a memory matrix, so there is no attention-weight matrix per layer to return."
+        )
 
 
 def check_attention_mask(attention_mask, batch: int, past: int, length: int) -> None:
@@ -368,9 +388,11 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Causal LM forward. `num_items_in_batch` (passed by Trainer through kwargs) goes to the loss."""
+        check_no_attention_weights(output_attentions, self.config)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

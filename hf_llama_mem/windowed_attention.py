@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 __all__ = [
     "WindowView",
     "keep_owned_window",
+    "known_unpadded",
     "make_window_view",
     "positions_from_mask",
     "windowed_attention",
@@ -28,22 +29,40 @@ __all__ = [
 # CPU, 256 queries was the fastest with gradients and 64 without (the attention of a 2K prefill segment 6% faster).
 QUERY_BLOCK = 256
 INFERENCE_QUERY_BLOCK = 64
+# A kept window may sit in a storage up to this many times its size before it is copied out: after a decode step the
+# W - 1 kept tokens are a view of the W just concatenated, which is fine; after a prefill they would pin all of it.
+MAX_WINDOW_STORAGE_RATIO = 2
 
 
 @dataclass
 class WindowView:
-    """What every layer needs to attend over its window in one forward call (shared by all layers).
+    """What every layer needs to attend over its window in one forward call (shared by all layers), and the choice of
+    the paths that compute it, made once per forward.
 
     cached: tokens already in the cache window before this call. key_valid: [B, cached + T] bool, False at padding,
-    None when every token is real. token_valid: [B, T], the part of key_valid for this call's tokens. masks: the
-    additive masks built so far in this call, reused by every layer (and, without padding, by every block of the same
-    shape).
+    None when every token is known to be real. token_valid: [B, T], the part of key_valid for this call's tokens.
+    decoding: this call appends one token to a cache (a decode step). differentiable: the forward records gradients
+    (grad mode on, and a parameter or the input embeddings require them). masks: the additive masks built so far in
+    this call, reused by every layer (and, without padding, by every block of the same shape).
+
+    Every fast path reads these fields, never the tensors' lengths or gradient flags; each computes exactly what the
+    general path would:
+    - decoding: attention over the window without a mask when nothing is padded (`banded_attention`); the memory
+      key's convolution as a weighted sum of its taps (`LlamaMemMemory.entries`); the memory read as one product
+      with S, then the leaving token written into S in place (`LlamaMemMemory.decode_read`).
+    - not differentiable: attention in blocks of INFERENCE_QUERY_BLOCK queries instead of QUERY_BLOCK
+      (`banded_attention`); the read norm without an autograd Function (`MemoryReadRMSNorm`); with a cache, a long
+      input in pieces of PREFILL_SEGMENT tokens (`LlamaMemModel.forward`).
+    - key_valid None and cached == 0 (an unpadded input from its start): the first W queries through a causal
+      kernel (`windowed_attention`).
     """
 
     window: int
     cached: int
     key_valid: torch.Tensor | None
     token_valid: torch.Tensor | None
+    decoding: bool
+    differentiable: bool
     masks: dict = field(default_factory=dict)
 
     def mask(self, q_first: int, q_len: int, k_first: int, k_len: int, dtype, device) -> torch.Tensor:
@@ -110,7 +129,7 @@ def windowed_attention(
     if interface is ALL_ATTENTION_FUNCTIONS.get("sdpa"):
         interface = sdpa_block
     outputs, done = [], 0
-    if interface is sdpa_block and view.cached == 0 and view.key_valid is None and length > 1:
+    if interface is sdpa_block and view.cached == 0 and view.key_valid is None:
         # The first W queries of an unpadded sequence from its start cannot reach past the window: plain causal
         # attention, which a causal kernel computes without the upper triangle.
         done = min(view.window, length)
@@ -129,11 +148,11 @@ def banded_attention(
     length, total = query.shape[2], key.shape[2]
     q_first = total - length  # key index of the first query
     k_first = q_first - view.window + 1
-    block = min(QUERY_BLOCK if query.requires_grad else INFERENCE_QUERY_BLOCK, length)
+    block = min(QUERY_BLOCK if view.differentiable else INFERENCE_QUERY_BLOCK, length)
     if block == length:
         start = max(k_first, 0)
-        if view.key_valid is None and length == 1:
-            mask = None  # one query without padding (a decode step): every key from `start` on is visible
+        if view.decoding and view.key_valid is None:
+            mask = None  # one query without padding: every key from `start` on is visible
         else:
             mask = view.mask(q_first, length, start, total - start, query.dtype, query.device)
         return interface(module, query, key[:, :, start:], value[:, :, start:], mask, is_causal=False, **kwargs)[0]
@@ -156,23 +175,31 @@ def banded_attention(
     return torch.cat(outputs, dim=1)[:, :length]
 
 
-def make_window_view(window: int, past: int, attention_mask, device) -> WindowView:
+def known_unpadded(mask: torch.Tensor) -> bool:
+    """Whether a 0/1 mask is all ones, where that is free to know: on a CPU it is a host reduction, and an all-ones
+    mask (what generate() passes) then takes the unpadded fast paths. On an accelerator the answer would stall the
+    host until the device catches up, every forward, so there the mask is used as given (the same result)."""
+    return mask.device.type == "cpu" and bool(mask.all())
+
+
+def make_window_view(
+    window: int, past: int, attention_mask, device, *, decoding: bool, differentiable: bool
+) -> WindowView:
     """Window bookkeeping for one call. attention_mask is [B, past + T] (1 = real token, 0 = padding) or None, already
     checked by the forward that calls this."""
     cached = min(past, window - 1)
-    if attention_mask is None:
-        return WindowView(window, cached, None, None)
-    key_valid = attention_mask[:, past - cached :].to(device=device, dtype=torch.bool)
-    if bool(key_valid.all()):
-        return WindowView(window, cached, None, None)
-    return WindowView(window, cached, key_valid, key_valid[:, cached:])
+    key_valid = None if attention_mask is None else attention_mask[:, past - cached :]
+    if key_valid is None or known_unpadded(key_valid):
+        return WindowView(window, cached, None, None, decoding, differentiable)
+    key_valid = key_valid.to(device=device, dtype=torch.bool)
+    return WindowView(window, cached, key_valid, key_valid[:, cached:], decoding, differentiable)
 
 
 def positions_from_mask(attention_mask, past: int, length: int, device) -> torch.LongTensor:
     """Positions count real tokens only, so a left-padded row is computed exactly as the same row unpadded.
 
     Reads the whole mask, not just the window: padding that has left the window still shifts the positions."""
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None or known_unpadded(attention_mask):
         return torch.arange(past, past + length, device=device)[None]
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)[:, -length:].to(device)
@@ -188,6 +215,6 @@ def keep_owned_window(layer, window: int) -> None:
     for name in ("keys", "values"):
         kept = getattr(layer, name)
         kept = kept[:, :, max(0, kept.shape[2] - keep) :]
-        if kept.untyped_storage().nbytes() > 2 * kept.nbytes:  # a decode step's view of W tokens is fine
+        if kept.untyped_storage().nbytes() > MAX_WINDOW_STORAGE_RATIO * kept.nbytes:
             kept = kept.clone()
         setattr(layer, name, kept)

@@ -91,10 +91,18 @@ def test_full_write_with_unit_key_stores_the_value():
     assert_close(out, v, 1e-5, "read-back")
 
 
-def test_state_and_output_are_float32_for_bf16_inputs():
-    q, k, v, g, beta, h0 = make_inputs(40, dtype=torch.bfloat16)
-    out, state = run(chunk_gated_delta_rule, q, k, v, g, beta, None, chunk_size=CHUNK)
+@pytest.mark.parametrize("op", [recurrent_gated_delta_rule, chunk_gated_delta_rule])
+def test_bf16_inputs_give_the_float32_result_of_the_same_values(op):
+    """The state math runs in float32 whatever the input dtype: bf16 inputs give, in float32, what the recurrence
+    gives on the same values in float32 (so nothing is rounded to bf16 on the way)."""
+    inputs = make_inputs(40, dtype=torch.bfloat16)
+    kwargs = {"chunk_size": CHUNK} if op is chunk_gated_delta_rule else {}
+    with torch.no_grad():
+        out, state = run(op, *inputs[:5], inputs[5], **kwargs)
+        expected_out, expected_state = run(recurrent_gated_delta_rule, *(x.float() for x in inputs))
     assert out.dtype == torch.float32 and state.dtype == torch.float32
+    assert_close(out, expected_out, 1e-5, "output")
+    assert_close(state, expected_state, 1e-5, "state")
 
 
 def test_gradcheck_float64():

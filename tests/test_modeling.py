@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
-from hf_llama_mem import LlamaMemForCausalLM, LlamaMemModel
+from hf_llama_mem import LlamaMemForCausalLM, LlamaMemModel, windowed_attention
 
 from .helpers import assert_close, tiny_config, tiny_model
 
@@ -95,6 +97,47 @@ def test_num_items_in_batch_reaches_the_loss():
         summed = model(ids, labels=ids, num_items_in_batch=torch.tensor(11.0)).loss
     # the mean is over 2 * 11 shifted labels; num_items_in_batch = 11 divides the same sum by 11 instead
     assert_close(summed, mean * 22 / 11, 1e-5, "loss")
+
+
+def test_bfloat16_model_gives_the_float32_logits_to_bfloat16_precision():
+    model = tiny_model()
+    ids = torch.randint(1, 256, (2, 60))  # past several windows: the memory is read
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = copy.deepcopy(model).to(torch.bfloat16)(ids).logits
+    assert got.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa (relative steps of 2^-8); measured 0.011 at logits of size 0.65
+    assert_close(got.float(), expected, 3e-2, "bf16 logits")
+
+
+def test_all_ones_mask_read_as_on_an_accelerator_equals_no_mask(monkeypatch):
+    """On an accelerator the mask is never read back to the host (that would stall every forward): an all-ones mask
+    then runs the padded paths, which must compute what the unpadded fast paths (taken on a CPU) compute."""
+    model = tiny_model()
+    ids = torch.randint(1, 256, (2, 40))
+    with torch.no_grad():
+        expected = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        prefill = model(ids[:, :30], cache=cache, use_cache=True).logits
+        decoded = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(30, 40)]
+        monkeypatch.setattr(windowed_attention, "known_unpadded", lambda mask: False)
+        ones = torch.ones_like(ids)
+        assert_close(model(ids, attention_mask=ones).logits, expected, 1e-5, "forward")
+        cache = DynamicCache(config=model.config)
+        masked_prefill = model(ids[:, :30], attention_mask=ones[:, :30], cache=cache, use_cache=True).logits
+        assert_close(masked_prefill, prefill, 1e-5, "prefill")
+        for t, logits in zip(range(30, 40), decoded, strict=True):
+            step = model(ids[:, t : t + 1], attention_mask=ones[:, : t + 1], cache=cache, use_cache=True).logits
+            assert_close(step, logits, 1e-5, f"decode step {t}")
+
+
+def test_output_attentions_is_refused_clearly():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (1, 12))
+    for forward in (model, model.model):
+        with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+            forward(ids, output_attentions=True)
+    assert model(ids, output_attentions=False).logits.shape == (1, 12, 256)
 
 
 def test_inputs_embeds_equal_input_ids():

@@ -52,14 +52,16 @@ def test_blocked_window_attention_equals_one_masked_softmax(monkeypatch, attn, c
     if padded:
         key_valid = torch.ones(2, cached + length, dtype=torch.bool)
         key_valid[0, :6] = False
-    view = WindowView(WINDOW, cached, key_valid, None if key_valid is None else key_valid[:, cached:])
+    token_valid = None if key_valid is None else key_valid[:, cached:]
+    view = WindowView(WINDOW, cached, key_valid, token_valid, decoding=False, differentiable=True)
+    inference_view = WindowView(WINDOW, cached, key_valid, token_valid, decoding=False, differentiable=False)
     interface = ALL_ATTENTION_FUNCTIONS["sdpa"] if attn == "sdpa" else eager_attention_forward
     out = windowed_attention(Holder(), interface, query, key, value, view, scaling=DIM**-0.5)
     expected = reference(query, key, value, cached, key_valid)
     assert_close(out, expected, 1e-5, "output")
     with torch.no_grad():  # the blocking without gradients
         assert_close(
-            windowed_attention(Holder(), interface, query, key, value, view, scaling=DIM**-0.5),
+            windowed_attention(Holder(), interface, query, key, value, inference_view, scaling=DIM**-0.5),
             expected,
             1e-5,
             "output without gradients",
