@@ -19,6 +19,8 @@ every decoder layer; not the final norm or the LM head), each cast to bfloat16 f
 precision (a bf16 copy of an fp32 model, and back) are the same model and share it, while any change larger than
 bf16 rounding is refused as other weights. A float16 copy may round differently and can be refused. The weights are
 read through accelerate's offload hooks, so a model offloaded to disk (meta tensors) saves and loads its memory.
+It reads every weight once per save_memory(model=...) and load_memory: about 0.5 s per 100M parameters on one busy
+CPU core (measured: a 58M model in 0.31 s; so a 135M model under a second, a 7B model about half a minute).
 """
 
 import hashlib
@@ -123,7 +125,7 @@ def weights_fingerprint(model: PreTrainedModel) -> str:
         flat = weight.detach().reshape(-1)
         for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
             piece = flat[start : start + FINGERPRINT_CHUNK].to(device="cpu", dtype=torch.bfloat16)
-            digest.update(piece.view(torch.int16).numpy().tobytes())
+            digest.update(piece.view(torch.int16).numpy())
     return digest.hexdigest()[:32]
 
 
