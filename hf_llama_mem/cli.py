@@ -439,10 +439,19 @@ EVAL_TASKS: dict[str, Callable] = {
     "perplexity": add_perplexity_task,
 }
 
+
+def add_extend_command(commands) -> None:
+    """`extend SRC DST [options]`: the long-context recipe; its options are ExtendSettings' fields (extend.py)."""
+    from .extend import add_extend_parser
+
+    add_extend_parser(commands)
+
+
 # The subcommands, in the order `--help` lists them.
 COMMANDS: list[Callable] = [
     add_demo_command,
     add_convert_command,
+    add_extend_command,
     add_generate_command,
     add_eval_command,
     add_bench_command,

@@ -175,9 +175,9 @@ def clean_doc_text(text: str, html_page: bool = False) -> str:
 class NaturalText:
     """Token stretches of natural text from a list of files, drawn in proportion to file size.
 
-    Each document is tokenized on first use, paragraph by paragraph (a paragraph ends at a blank line), so the
-    paragraph ends are known: a needle is inserted only there, never inside a word. `draw(n, rng)` starts at a random
-    paragraph of a random document and runs on through the next documents until it has n tokens.
+    Documents are tokenized paragraph by paragraph (a paragraph ends at a blank line), as far as they are used, so
+    the paragraph starts are known: a needle is inserted only there, never inside a word. `draw(n, rng)` starts at a
+    random paragraph of a random document and runs on through the next documents until it has n tokens.
     """
 
     def __init__(self, tokenizer, files: list[str]):
@@ -190,7 +190,8 @@ class NaturalText:
         for size in sizes:
             total += size
             self.cumulative.append(total)
-        self._documents: dict[int, tuple[list[int], list[int]]] = {}
+        self._documents: dict[int, list[str]] = {}
+        self._tokens: dict[tuple[int, int], list[int]] = {}
 
     @classmethod
     def for_split(cls, tokenizer, split: str = "train") -> "NaturalText":
@@ -203,35 +204,41 @@ class NaturalText:
             files = stdlib_source_files(split)
         return cls(tokenizer, files)
 
-    def document(self, index: int) -> tuple[list[int], list[int]]:
-        """(tokens, paragraph starts) of document `index`; the first start is 0."""
+    def paragraphs(self, index: int) -> list[str]:
+        """The paragraphs of document `index` (markup cleaned), each ending in a blank line."""
         if index not in self._documents:
             path = self.files[index]
             text = Path(path).read_text(encoding="utf-8", errors="replace")
             if path.endswith((".txt", ".html")):
                 text = clean_doc_text(text, html_page=path.endswith(".html"))
-            paragraphs = [p + "\n\n" for p in re.split(r"\n\s*\n", text) if p.strip()] or ["\n\n"]
-            encoded = self.tokenizer(paragraphs, add_special_tokens=False, verbose=False).input_ids
-            tokens, starts = [], []
-            for ids in encoded:
-                if ids:
-                    starts.append(len(tokens))
-                    tokens.extend(ids)
-            self._documents[index] = (tokens, starts)
+            self._documents[index] = [p + "\n\n" for p in re.split(r"\n\s*\n", text) if p.strip()] or ["\n\n"]
         return self._documents[index]
 
+    def paragraph_tokens(self, index: int, first: int, count: int) -> list[list[int]]:
+        """Token ids of paragraphs first .. first + count - 1 of document `index`, tokenized once and kept."""
+        paragraphs = self.paragraphs(index)
+        wanted = range(first, min(first + count, len(paragraphs)))
+        missing = [i for i in wanted if (index, i) not in self._tokens]
+        if missing:
+            encoded = self.tokenizer([paragraphs[i] for i in missing], add_special_tokens=False, verbose=False)
+            self._tokens.update(zip(((index, i) for i in missing), encoded.input_ids, strict=True))
+        return [self._tokens[index, i] for i in wanted]
+
     def draw(self, n: int, rng: random.Random) -> tuple[list[int], list[int]]:
-        """n tokens of text and the offsets where a paragraph starts (0 first; all < n)."""
+        """n tokens of text and the offsets where a paragraph starts (0 first; all < n). Only the paragraphs used
+        are tokenized."""
         index = bisect_right(self.cumulative, rng.randrange(self.cumulative[-1]))
-        tokens, starts = self.document(index)
-        first = rng.choice(starts) if starts else 0
+        paragraph = rng.randrange(len(self.paragraphs(index)))
         out, boundaries = [], []
         while len(out) < n:
-            boundaries.extend(len(out) + s - first for s in starts if s >= first)
-            out.extend(tokens[first:])
-            index, first = (index + 1) % len(self.files), 0
-            tokens, starts = self.document(index)
-        return out[:n], [b for b in boundaries if b < n]
+            for ids in self.paragraph_tokens(index, paragraph, 16):
+                if ids and len(out) < n:
+                    boundaries.append(len(out))
+                    out.extend(ids)
+            paragraph += 16
+            if paragraph >= len(self.paragraphs(index)):
+                index, paragraph = (index + 1) % len(self.files), 0
+        return out[:n], boundaries
 
 
 @dataclass

@@ -1,0 +1,850 @@
+"""The long-context fine-tuning recipe: train what a converted model's memory needs, and ship it as a small delta.
+
+    from hf_llama_mem.extend import ExtendSettings, extend, apply_delta
+    delta = extend("SmolLM2-135M-Instruct.Q4_1.gguf", "extend_output", ExtendSettings(steps=200))
+    model = LlamaMemForCausalLM.from_llama(source, sliding_window=256)
+    apply_delta(model, delta)  # the trained memory (and LoRA, merged into q/k/v) on a fresh conversion
+
+`extend(src, output_dir, settings)` loads SRC (a LlamaMem folder, or any Llama-family folder, hub id, .gguf file or
+model, converted with `LlamaMemForCausalLM.from_llama(src, sliding_window=W, memory_layers=...)`), freezes
+everything except the memory parameters (and, optionally, LoRA factors on the attention projections), and trains
+them with AdamW on the samples of `hf_llama_mem.long_context_data` (passkeys, several needles with distractors,
+key-value lookups, variable tracking: loss on the answer only; long natural text: loss on every token), each sample
+weighing the same in the loss. Into `output_dir` it writes:
+
+- `checkpoints/step-NNNNNN/`: the trained tensors, optimizer, scheduler, RNG states and data-stream state, every
+  `checkpoint_every` steps (written to a temporary folder, then renamed, so a checkpoint is whole or absent); a
+  rerun with the same settings resumes from the latest and ends as an uninterrupted run would;
+- `log.jsonl`: per step the loss (and per kind), mean |gate|, learning rate, sample length and seconds; with
+  `eval_every`, the loss and answer accuracy on a fixed batch of held-out samples;
+- `loss_gate.png`: the loss and mean |gate| by step;
+- `settings.json` and `memory_delta.safetensors`: the delta, only the memory tensors and the LoRA A/B factors
+  (a few MB), with metadata recording what applying it needs and what produced it (`read_delta_metadata`).
+
+`apply_delta(model, path)` checks a LlamaMem model against the delta's metadata (window, memory layers, memory
+rule, dimensions, tensor shapes), loads the memory tensors and merges the LoRA factors into the projections as PEFT
+merges them (W + B @ A * alpha / r).
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging
+
+from .long_context_data import (
+    DEFAULT_WEIGHTS,
+    KINDS,
+    RETRIEVAL_KINDS,
+    LengthCurriculum,
+    LongContextData,
+    LongContextStream,
+    Mix,
+    NaturalText,
+    as_tensors,
+    sample_seed,
+)
+from .training import memory_parameter_groups
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "DELTA_FILE",
+    "ExtendSettings",
+    "add_extend_parser",
+    "apply_delta",
+    "delta_tensors",
+    "extend",
+    "read_delta_metadata",
+]
+
+DELTA_FILE = "memory_delta.safetensors"
+DELTA_FORMAT = "hf_llama_mem.memory_delta"
+DELTA_FORMAT_VERSION = "1"
+# Settings that may change between a run and its resumption (they do not change what is trained).
+RESUMABLE_CHANGES = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples", "progress", "save_model")
+# Source config fields recorded in the delta and checked when it is applied.
+SOURCE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+DEFAULT_WINDOW = 256
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class ExtendSettings:
+    """What `extend` trains, on what, for how long. Every field is also a `hf-llama-mem extend` option."""
+
+    steps: int = field(default=200, metadata=_help("optimizer steps"))
+    batch_size: int = field(default=4, metadata=_help("samples per step (each weighs the same in the loss)"))
+    micro_batch_size: int = field(default=1, metadata=_help("samples per forward (gradients accumulate)"))
+    length_start: int = field(default=512, metadata=_help("sample length (tokens) at step 0"))
+    length_end: int = field(default=2048, metadata=_help("sample length at the end of the ramp"))
+    length_ramp: float = field(
+        default=0.5, metadata=_help("fraction of the steps over which the length rises linearly (0: always the end)")
+    )
+    length_multiple: int = field(default=64, metadata=_help("lengths on the ramp are multiples of this"))
+    memory_lr: float = field(default=1e-2, metadata=_help("AdamW learning rate of the memory parameters"))
+    warmup_steps: int = field(default=10, metadata=_help("linear warm-up steps of every learning rate"))
+    lr_schedule: str = field(
+        default="constant", metadata=_help("after the warm-up: constant or cosine", choices=("constant", "cosine"))
+    )
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping (0: none)"))
+    train_memory: bool = field(default=True, metadata=_help("train the memory parameters"))
+    lora_rank: int = field(default=0, metadata=_help("LoRA rank on the attention projections (0: no LoRA)"))
+    lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha (the update is scaled by alpha / rank)"))
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj"], metadata=_help("LoRA target modules")
+    )
+    lora_lr: float = field(default=5e-4, metadata=_help("AdamW learning rate of the LoRA factors"))
+    lora_weight_decay: float = field(default=0.0, metadata=_help("weight decay of the LoRA factors"))
+    seed: int = field(default=0, metadata=_help("seed of the data, LoRA init and memory init of a conversion"))
+    mix: dict[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_WEIGHTS), metadata=_help("sample kinds and weights, kind=weight,...")
+    )
+    chat_fraction: float = field(
+        default=0.2, metadata=_help("share of retrieval samples in the tokenizer's chat template (if it has one)")
+    )
+    min_gap: int | None = field(
+        default=None, metadata=_help("tokens between each needed statement and the question (default: W)")
+    )
+    digits: list[int] = field(default_factory=lambda: [4, 5, 6, 7], metadata=_help("lengths of the numbers"))
+    checkpoint_every: int = field(default=25, metadata=_help("steps between checkpoints"))
+    keep_checkpoints: int = field(default=2, metadata=_help("checkpoints kept (older ones are deleted)"))
+    eval_every: int = field(default=0, metadata=_help("steps between losses on held-out samples (0: none)"))
+    eval_samples: int = field(default=8, metadata=_help("held-out samples (of length_end tokens) per evaluation"))
+    sliding_window: int | None = field(
+        default=None, metadata=_help(f"W when converting SRC (default {DEFAULT_WINDOW}); a LlamaMem SRC keeps its own")
+    )
+    memory_layers: list[int] | None = field(
+        default=None, metadata=_help("layers with memory when converting (default all; '' for none: the twin)")
+    )
+    memory_rule: str | None = field(
+        default=None, metadata=_help("memory rule when converting", choices=("gated_delta", "delta"))
+    )
+    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in the backward"))
+    save_model: bool = field(default=False, metadata=_help("also save the full trained model (DST/model)"))
+    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+    name: str | None = field(default=None, metadata=_help("the source's name in the delta (default: from SRC)"))
+
+    def __post_init__(self):
+        positive = ("steps", "batch_size", "micro_batch_size", "length_start", "length_multiple", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.length_end < self.length_start:
+            raise ValueError(f"length_end ({self.length_end}) must be >= length_start ({self.length_start}).")
+        if not 0.0 <= self.length_ramp <= 1.0:
+            raise ValueError(f"length_ramp must be in [0, 1], got {self.length_ramp}.")
+        for name in ("warmup_steps", "lora_rank", "eval_every", "keep_checkpoints", "eval_samples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
+        if self.lora_rank and not self.lora_targets:
+            raise ValueError("lora_rank > 0 needs at least one LoRA target module.")
+        if not 0.0 <= self.chat_fraction <= 1.0:
+            raise ValueError(f"chat_fraction must be in [0, 1], got {self.chat_fraction}.")
+        Mix(dict(self.mix))  # checks the kinds and weights
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @property
+    def ramp_steps(self) -> int:
+        return round(self.steps * self.length_ramp)
+
+
+# --- loading and preparing the model ----------------------------------------------------------------------------
+
+
+def load_tokenizer(src):
+    """The tokenizer of SRC (a model, model folder, hub id, .gguf file or "smollm2"); ValueError if it has none."""
+    from .convert_llama import load_source_tokenizer
+
+    tokenizer = load_source_tokenizer(src)
+    if tokenizer is None:
+        raise ValueError(f"{src!r} has no tokenizer: pass one to extend(..., tokenizer=...).")
+    return tokenizer
+
+
+def is_llama_mem_folder(src) -> bool:
+    path = Path(str(src))
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return False
+    return json.loads((path / "config.json").read_text()).get("model_type") == "llama_mem"
+
+
+def load_model(src, settings: ExtendSettings) -> PreTrainedModel:
+    """SRC as a float32 LlamaMemForCausalLM: loaded if it is one, else converted with the settings' W and layers."""
+    from . import LlamaMemForCausalLM
+
+    overrides = {
+        "sliding_window": settings.sliding_window or DEFAULT_WINDOW,
+        "memory_layers": settings.memory_layers,
+    }
+    if settings.memory_rule is not None:
+        overrides["memory_rule"] = settings.memory_rule
+    if isinstance(src, LlamaMemForCausalLM) or is_llama_mem_folder(src):
+        model = src if isinstance(src, LlamaMemForCausalLM) else AutoModelForCausalLM.from_pretrained(src)
+        config = model.config
+        layers = list(range(config.num_hidden_layers)) if config.memory_layers is None else config.memory_layers
+        wanted = {
+            "sliding_window": settings.sliding_window,
+            "memory_rule": settings.memory_rule,
+            "memory_layers": None if settings.memory_layers is None else sorted(settings.memory_layers),
+        }
+        have = {"sliding_window": config.sliding_window, "memory_rule": config.memory_rule, "memory_layers": layers}
+        differ = [f"{k}: settings {v}, model {have[k]}" for k, v in wanted.items() if v is not None and v != have[k]]
+        if differ:
+            raise ValueError(f"SRC is already a LlamaMem model and differs from the settings: {'; '.join(differ)}.")
+    else:
+        model = LlamaMemForCausalLM.from_llama(src if isinstance(src, PreTrainedModel) else str(src), **overrides)
+    return model.float()
+
+
+def source_identity(model: PreTrainedModel, src, settings: ExtendSettings) -> dict:
+    """A name, the config fields a delta depends on, and a fingerprint of the source weights."""
+    if settings.name:
+        name = settings.name
+    elif isinstance(src, PreTrainedModel):
+        name = src.config.name_or_path or type(src).__name__
+    else:
+        from .convert_llama import resolve_source_name
+
+        name = Path(resolve_source_name(src)).name or str(src)
+    config = model.config
+    fields = {k: getattr(config, k, None) for k in SOURCE_FIELDS}
+    fields["rope_parameters"] = getattr(config, "rope_parameters", None)
+    fields["tie_word_embeddings"] = getattr(config, "tie_word_embeddings", None)
+    return {"name": name, "config": json.loads(json.dumps(fields, default=str)), "fingerprint": fingerprint(model)}
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """sha256 over a few source tensors (embedding rows, the first layer's attention projections), not the memory."""
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    names = ["model.embed_tokens.weight"] + [f"model.layers.0.self_attn.{p}.weight" for p in ("q_proj", "k_proj")]
+    for name in names:
+        if name in state:
+            tensor = state[name].detach().float().cpu()
+            digest.update(tensor.reshape(-1)[: 1 << 16].numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without PEFT's wrapping: model.layers.0.self_attn.q_proj.lora_A.weight."""
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
+def prepare(model: PreTrainedModel, settings: ExtendSettings) -> nn.Module:
+    """Freeze everything, then unfreeze the memory and (with a LoRA rank) add LoRA: the model to train."""
+    has_memory = any(".memory." in n for n, _ in model.named_parameters())
+    if not (settings.train_memory and has_memory) and not settings.lora_rank:
+        why = "the model has no memory layers" if not has_memory else "train_memory is off"
+        raise ValueError(f"nothing to train: {why} and lora_rank is 0. Give a LoRA rank, or train the memory.")
+    model.requires_grad_(False)
+    if settings.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=settings.lora_rank,
+            lora_alpha=settings.lora_alpha,
+            target_modules=list(settings.lora_targets),
+            lora_dropout=0.0,
+            bias="none",
+        )
+        model = get_peft_model(model, lora)
+    for name, param in model.named_parameters():
+        param.requires_grad_((".memory." in name and settings.train_memory) or ".lora_" in name)
+    if settings.gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def delta_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """What a delta holds, by canonical name: every memory parameter (trained or not) and every LoRA factor."""
+    return {
+        canonical_name(n): p
+        for n, p in model.named_parameters()
+        if ".memory." in n or ".lora_A." in n or ".lora_B." in n
+    }
+
+
+def gate_values(model: nn.Module) -> torch.Tensor | None:
+    gates = [p.detach().reshape(-1) for n, p in model.named_parameters() if n.endswith(".memory.gate")]
+    return torch.cat(gates) if gates else None
+
+
+def base_causal_lm(model: nn.Module) -> PreTrainedModel:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# --- the loss -----------------------------------------------------------------------------------------------------
+
+
+def sample_losses(model: nn.Module, samples: list[dict]) -> tuple[torch.Tensor, list[bool]]:
+    """Per sample: the mean cross-entropy over its labelled tokens, and whether greedy decoding gets every labelled
+    token (the answer) right. The LM head runs only where a label is counted (for retrieval, the answer's few
+    positions), not over every position."""
+    lm = base_causal_lm(model)
+    batch = as_tensors(samples)
+    device = lm.device
+    hidden = lm.model(input_ids=batch["input_ids"].to(device), use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:].to(device)
+    losses, correct = [], []
+    for i in range(len(samples)):
+        positions = (targets[i] != -100).nonzero().squeeze(-1)
+        logits = lm.lm_head(hidden[i, positions])
+        counted = targets[i, positions]
+        # The model's own causal-LM loss (row-blocked for long rows), here on rows that are already shifted.
+        losses.append(lm.loss_function(logits=logits, labels=None, vocab_size=logits.shape[-1], shift_labels=counted))
+        correct.append(bool((logits.argmax(-1) == counted).all()))
+    return torch.stack(losses), correct
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, stream, settings, keep: int) -> Path:
+    folder = output_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    final, tmp = folder / f"step-{step:06d}", folder / f"step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {n: p.detach().cpu().contiguous() for n, p in delta_tensors(model).items()}
+    save_file(tensors, tmp / "trained.safetensors")
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "data": stream.state_dict(),
+        "settings": json.dumps(settings.to_json()),
+    }
+    torch.save(state, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(output_dir)[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, stream, settings) -> int:
+    from safetensors.torch import load_file
+
+    state = torch.load(folder / "state.pt", weights_only=True)
+    saved = json.loads(state["settings"])
+    current = settings.to_json()
+    differ = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if differ:
+        raise ValueError(
+            f"The checkpoint {folder} was made with other settings ({', '.join(differ)}: "
+            f"{ {k: saved.get(k) for k in differ} } there, { {k: current[k] for k in differ} } here); "
+            "use the same settings, another output folder, or resume=False."
+        )
+    tensors = load_file(folder / "trained.safetensors")
+    params = delta_tensors(model)
+    if set(tensors) != set(params):
+        raise ValueError(f"The checkpoint {folder} holds other tensors than this model trains.")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    stream.load_state_dict(state["data"])
+    return int(state["step"])
+
+
+# --- the delta ----------------------------------------------------------------------------------------------------
+
+
+def _layers_of(config) -> list[int]:
+    return list(range(config.num_hidden_layers)) if config.memory_layers is None else sorted(config.memory_layers)
+
+
+def write_delta(path: Path, model: nn.Module, metadata: dict) -> Path:
+    tensors = {n: p.detach().cpu().float().contiguous() for n, p in delta_tensors(model).items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def read_delta_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of a delta file, JSON values decoded: format, sliding_window, memory_layers, memory_rule,
+    memory_conv_size, lora, source, settings, command, seed, data, training, versions."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    if raw.get("format") != DELTA_FORMAT:
+        raise ValueError(f"{path} is not a memory delta written by hf_llama_mem.extend (format {raw.get('format')}).")
+    decoded = {}
+    for key, value in raw.items():
+        try:
+            decoded[key] = json.loads(value)
+        except json.JSONDecodeError:
+            decoded[key] = value
+    return decoded
+
+
+def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTrainedModel:
+    """Load a delta into a LlamaMem model in place: the memory tensors, and the LoRA factors merged into their
+    projections as PEFT merges them (W + B @ A * alpha / r). Raises ValueError naming every mismatch (window, memory
+    layers, memory rule, dimensions, missing or extra tensors, shapes) before anything is changed."""
+    from safetensors.torch import load_file
+
+    meta = read_delta_metadata(delta_path)
+    tensors = load_file(str(delta_path))
+    config = model.config
+    problems = []
+    if getattr(config, "model_type", None) != "llama_mem":
+        raise ValueError(
+            f"apply_delta needs a LlamaMem model, got model_type {getattr(config, 'model_type', None)!r}."
+        )
+    if meta["sliding_window"] != config.sliding_window:
+        problems.append(f"sliding_window: delta {meta['sliding_window']}, model {config.sliding_window}")
+    if meta["memory_layers"] != _layers_of(config):
+        problems.append(f"memory_layers: delta {meta['memory_layers']}, model {_layers_of(config)}")
+    if meta["memory_rule"] != config.memory_rule:
+        problems.append(f"memory_rule: delta {meta['memory_rule']!r}, model {config.memory_rule!r}")
+    for key, value in meta["source"]["config"].items():
+        if key in SOURCE_FIELDS and value is not None and getattr(config, key, None) != value:
+            problems.append(f"{key}: delta's source {value}, model {getattr(config, key, None)}")
+    params = dict(model.named_parameters())
+    memory = {n for n in params if ".memory." in n}
+    lora = meta.get("lora")
+    factors = {n for n in tensors if ".lora_A." in n or ".lora_B." in n}
+    missing = sorted(memory - set(tensors))
+    extra = sorted(set(tensors) - memory - factors)
+    if missing:
+        problems.append(
+            f"memory tensors of the model missing from the delta: {missing[:4]}{'...' if len(missing) > 4 else ''}"
+        )
+    if extra:
+        problems.append(f"delta tensors the model does not have: {extra[:4]}{'...' if len(extra) > 4 else ''}")
+    for name in sorted(memory & set(tensors)):
+        if tuple(tensors[name].shape) != tuple(params[name].shape):
+            problems.append(f"{name}: delta shape {tuple(tensors[name].shape)}, model {tuple(params[name].shape)}")
+    merges = []
+    for name in sorted(n for n in factors if ".lora_A." in n):
+        target = name.replace(".lora_A.weight", ".weight")
+        b_name = name.replace(".lora_A.", ".lora_B.")
+        a, b = tensors[name], tensors.get(b_name)
+        if target not in params or b is None:
+            problems.append(f"LoRA factor {name}: the model has no {target}, or the delta no {b_name}")
+            continue
+        out_features, in_features = params[target].shape
+        if a.shape[1] != in_features or b.shape[0] != out_features or a.shape[0] != b.shape[1]:
+            problems.append(
+                f"{name}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit {target} {tuple(params[target].shape)}"
+            )
+        merges.append((target, a, b))
+    if factors and not lora:
+        problems.append("the delta holds LoRA factors but its metadata records no LoRA settings")
+    if problems:
+        raise ValueError(f"The delta {delta_path} does not fit this model: " + "; ".join(problems) + ".")
+    with torch.no_grad():
+        for name in memory:
+            params[name].copy_(tensors[name])
+        if merges:
+            scaling = lora["alpha"] / lora["rank"]
+            for target, a, b in merges:
+                weight = params[target]
+                weight.data += (b.to(weight.dtype) @ a.to(weight.dtype)) * scaling
+    return model
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+
+def make_scheduler(optimizer, settings: ExtendSettings):
+    warmup, total = settings.warmup_steps, settings.steps
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if settings.lr_schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def plot_log(log_path: Path, png_path: Path) -> None:
+    """The loss (per step, and its running mean) and mean |gate| by step, one figure with two panels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    if not train:
+        return
+    figure = Figure(figsize=(8, 6), dpi=100)
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    steps = [r["step"] for r in train]
+    losses = [r["loss"] for r in train]
+    top.plot(steps, losses, color="tab:blue", alpha=0.35, label="loss (step)")
+    window = max(1, len(losses) // 20)
+    running = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
+    top.plot(steps, running, color="tab:blue", label=f"loss (mean of {window})")
+    if evals:
+        top.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="tab:red", label="held-out")
+    top.set_ylabel("loss")
+    top.set_yscale("log")
+    top.legend(loc="upper right")
+    gates = [(r["step"], r["mean_abs_gate"]) for r in train if r.get("mean_abs_gate") is not None]
+    if gates:
+        bottom.plot(*zip(*gates, strict=True), color="tab:green")
+    bottom.set_ylabel("mean |gate|")
+    bottom.set_xlabel("step")
+    figure.tight_layout()
+    figure.savefig(png_path)
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+
+def versions() -> dict:
+    import transformers
+
+    found = {"torch": torch.__version__, "transformers": transformers.__version__}
+    for package in ("hf-llama-mem", "peft"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def extend(
+    src,
+    output_dir: str | os.PathLike,
+    settings: ExtendSettings | None = None,
+    resume: bool = True,
+    tokenizer=None,
+    command: str | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> Path:
+    """Train a long-context delta for SRC and return the path of `output_dir/memory_delta.safetensors`.
+
+    Args:
+        src: a LlamaMem folder or model, or a Llama-family folder, hub id, .gguf file or model (converted with the
+            settings' sliding_window, memory_layers and memory_rule).
+        output_dir: where checkpoints, log.jsonl, loss_gate.png, settings.json and the delta go.
+        settings: `ExtendSettings` (defaults if None).
+        resume: continue from the latest checkpoint in output_dir (its settings must match); False starts over,
+            deleting earlier checkpoints and the log.
+        tokenizer: the tokenizer for the samples (default: SRC's own).
+        command: the command line recorded in the delta (default: this process's).
+        on_step: called after every step with that step's log record (e.g. to stop early by raising).
+    """
+    settings = settings or ExtendSettings()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    command = command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+
+    model = load_model(src, settings)
+    source = source_identity(model, src, settings)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(src)
+    config = model.config
+    torch.manual_seed(sample_seed(settings.seed, "lora"))
+    model = prepare(model, settings)
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    min_gap = config.sliding_window if settings.min_gap is None else settings.min_gap
+    data = LongContextData(
+        tokenizer,
+        NaturalText.for_split(tokenizer, "train"),
+        min_gap=min_gap,
+        digits=tuple(settings.digits),
+        chat_fraction=settings.chat_fraction,
+    )
+    curriculum = LengthCurriculum(
+        settings.length_start, settings.length_end, settings.ramp_steps, settings.length_multiple
+    )
+    stream = LongContextStream(data, Mix(dict(settings.mix)), curriculum, settings.batch_size, settings.seed)
+    for kind in Mix(dict(settings.mix)).kinds:  # a length too short for a kind fails now, not mid-run
+        data.generate(kind, settings.length_start, random.Random(sample_seed(settings.seed, "check", kind)))
+    largest = max(max(s["input_ids"]) for s in stream.batch(0))
+    if largest >= config.vocab_size:
+        raise ValueError(
+            f"The tokenizer gives ids up to {largest}, beyond the model's vocabulary {config.vocab_size}."
+        )
+
+    groups = memory_parameter_groups(model, settings.lora_lr, settings.lora_weight_decay, settings.memory_lr)
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = make_scheduler(optimizer, settings)
+
+    log_path = output_dir / "log.jsonl"
+    start = 0
+    checkpoints = checkpoint_dirs(output_dir)
+    if resume and checkpoints:
+        start = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, stream, settings)
+        _truncate_log(log_path, start)
+        logger.info(f"Resumed from {checkpoints[-1]} (step {start} of {settings.steps}).")
+    else:
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+        log_path.unlink(missing_ok=True)
+    (output_dir / "settings.json").write_text(json.dumps(settings.to_json(), indent=2) + "\n")
+
+    eval_samples = None
+    if settings.eval_every:
+        eval_data = LongContextData(
+            tokenizer, NaturalText.for_split(tokenizer, "eval"), min_gap=min_gap, digits=tuple(settings.digits),
+            chat_fraction=settings.chat_fraction,
+        )  # fmt: skip
+        eval_mix = Mix(dict(settings.mix))
+        eval_samples = []
+        for i in range(settings.eval_samples):
+            rng = random.Random(sample_seed(settings.seed, "eval", i))
+            eval_samples.append(eval_data.generate(eval_mix.choose(rng), settings.length_end, rng))
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        with torch.no_grad():
+            losses, correct = [], []
+            for i in range(0, len(eval_samples), settings.micro_batch_size):
+                part_losses, part_correct = sample_losses(model, eval_samples[i : i + settings.micro_batch_size])
+                losses += part_losses.tolist()
+                correct += part_correct
+        model.train()
+        retrieval = [c for c, s in zip(correct, eval_samples, strict=True) if s["kind"] in RETRIEVAL_KINDS]
+        record = {
+            "step": step,
+            "eval_loss": sum(losses) / len(losses),
+            "eval_loss_by_kind": _by_kind(losses, eval_samples),
+            "eval_answer_accuracy": sum(retrieval) / len(retrieval) if retrieval else None,
+        }
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    if eval_samples and start == 0:
+        evaluate(0)
+    bar = tqdm(total=settings.steps, initial=start, desc="extend", disable=not settings.progress, dynamic_ncols=True)
+    for step in range(start, settings.steps):
+        began = time.perf_counter()
+        samples = stream.batch(step)
+        stream.next_step = step + 1
+        losses = []
+        for i in range(0, len(samples), settings.micro_batch_size):
+            part, _ = sample_losses(model, samples[i : i + settings.micro_batch_size])
+            (part.sum() / len(samples)).backward()
+            losses += part.detach().tolist()
+        grad_norm = None
+        if settings.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, settings.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        gates = gate_values(model)
+        record = {
+            "step": step + 1,
+            "loss": sum(losses) / len(losses),
+            "loss_by_kind": _by_kind(losses, samples),
+            "mean_abs_gate": None if gates is None else gates.abs().mean().item(),
+            "max_abs_gate": None if gates is None else gates.abs().max().item(),
+            "grad_norm": grad_norm,
+            "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+            "length": len(samples[0]["input_ids"]),
+            "seconds": time.perf_counter() - began,
+        }
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        done = step + 1
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            save_checkpoint(output_dir, done, model, optimizer, scheduler, stream, settings, settings.keep_checkpoints)
+            plot_log(log_path, output_dir / "loss_gate.png")
+        if eval_samples and (done % settings.eval_every == 0 or done == settings.steps):
+            evaluate(done)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", gate=f"{record['mean_abs_gate'] or 0:.3f}", len=record["length"])
+        if on_step is not None:
+            on_step(record)
+    bar.close()
+    plot_log(log_path, output_dir / "loss_gate.png")
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    train_records = [r for r in records if "loss" in r]
+    gates = gate_values(model)
+    base_config = base_causal_lm(model).config
+    metadata = {
+        "format": DELTA_FORMAT,
+        "format_version": DELTA_FORMAT_VERSION,
+        "sliding_window": base_config.sliding_window,
+        "memory_layers": _layers_of(base_config),
+        "memory_rule": base_config.memory_rule,
+        "memory_conv_size": base_config.memory_conv_size,
+        "lora": (
+            {
+                "rank": settings.lora_rank,
+                "alpha": settings.lora_alpha,
+                "target_modules": list(settings.lora_targets),
+                "merged_on_apply": True,
+            }
+            if settings.lora_rank
+            else None
+        ),
+        "source": source,
+        "settings": settings.to_json(),
+        "command": command,
+        "seed": settings.seed,
+        "data": {
+            **data.describe(),
+            "text_split": "train",
+            "mix": dict(settings.mix),
+            "lengths": {"start": settings.length_start, "end": settings.length_end, "ramp_steps": settings.ramp_steps},
+            "batch_size": settings.batch_size,
+            "samples_seen": settings.steps * settings.batch_size,
+        },
+        "training": {
+            "steps": settings.steps,
+            "trained_parameters": sum(p.numel() for p in trained),
+            "final_loss": sum(r["loss"] for r in train_records[-10:]) / max(1, len(train_records[-10:])),
+            "mean_abs_gate": None if gates is None else gates.abs().mean().item(),
+            "seconds": sum(r["seconds"] for r in train_records),
+        },
+        "versions": versions(),
+    }
+    delta_path = write_delta(output_dir / DELTA_FILE, model, metadata)
+    if settings.save_model:
+        save_full_model(model, delta_path, tokenizer, output_dir / "model")
+    return delta_path
+
+
+def save_full_model(model: nn.Module, delta_path: Path, tokenizer, folder: Path) -> None:
+    """The trained model as a full folder (LoRA merged by apply_delta into an unwrapped copy) with its tokenizer."""
+    base = model.unload() if hasattr(model, "unload") else model  # PEFT: the base model without the LoRA layers
+    apply_delta(base, delta_path)
+    base.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _by_kind(losses: list[float], samples: list[dict]) -> dict[str, float]:
+    by_kind: dict[str, list[float]] = {}
+    for loss, sample in zip(losses, samples, strict=True):
+        by_kind.setdefault(sample["kind"], []).append(loss)
+    return {k: sum(v) / len(v) for k, v in by_kind.items() if k in KINDS}
+
+
+# --- the command line -----------------------------------------------------------------------------------------------
+
+
+def _parse_int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _parse_str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _parse_mix(text: str) -> dict[str, float]:
+    weights = {}
+    for item in _parse_str_list(text):
+        kind, sep, weight = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"mix entries are kind=weight, got {item!r}")
+        weights[kind.strip()] = float(weight)
+    try:
+        Mix(weights)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return weights
+
+
+def add_extend_parser(commands) -> None:
+    """Add `extend SRC DST [options]` to a subparsers object; every ExtendSettings field is an option."""
+    p = commands.add_parser(
+        "extend",
+        help="long-context fine-tuning: train the memory (and optionally LoRA) of a converted model, write a delta",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("src", help="LlamaMem folder, or a Llama-family folder, hub id or .gguf file to convert")
+    p.add_argument("dst", help="output folder (checkpoints, log.jsonl, loss_gate.png, memory_delta.safetensors)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if checkpoints exist")
+    defaults = ExtendSettings()
+    for f in dataclasses.fields(ExtendSettings):
+        option = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        kwargs = {"dest": f.name, "help": f.metadata.get("help", ""), "default": default}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if f.type in (bool, "bool"):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name == "mix":
+            kwargs["type"], kwargs["default"] = _parse_mix, ",".join(f"{k}={v}" for k, v in default.items())
+        elif f.name in ("lora_targets",):
+            kwargs["type"], kwargs["default"] = _parse_str_list, ",".join(default)
+        elif f.name in ("digits", "memory_layers"):
+            kwargs["type"] = _parse_int_list
+            kwargs["default"] = None if default is None else ",".join(map(str, default))
+        else:
+            kinds = f.type.__args__ if isinstance(f.type, types.UnionType) else (f.type,)
+            kwargs["type"] = next(t for t in kinds if t is not type(None))
+        p.add_argument(option, **kwargs)
+    p.set_defaults(run=run_extend_command)
+
+
+def run_extend_command(args: argparse.Namespace) -> None:
+    # argparse parses string defaults with the option's type, so every value here is already typed.
+    settings = ExtendSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExtendSettings)})
+    command = shlex.join(["hf-llama-mem", *sys.argv[1:]]) if sys.argv[1:2] == ["extend"] else None
+    delta = extend(args.src, args.dst, settings, resume=args.resume, command=command)
+    meta = read_delta_metadata(delta)
+    # The console command's result, on stdout like every subcommand's.
+    sys.stdout.write(json.dumps({"delta": str(delta), **meta["training"]}, indent=2) + "\n")

