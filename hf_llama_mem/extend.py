@@ -515,7 +515,8 @@ def make_scheduler(optimizer, settings: ExtendSettings):
 
 
 def plot_log(log_path: Path, png_path: Path) -> None:
-    """The loss (per step, and its running mean) and mean |gate| by step, one figure with two panels."""
+    """Two panels by step: the loss (each step; running means of the retrieval and the language-modelling losses;
+    the held-out loss) and the mean |gate|."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -528,14 +529,17 @@ def plot_log(log_path: Path, png_path: Path) -> None:
     FigureCanvasAgg(figure)
     top, bottom = figure.subplots(2, 1, sharex=True)
     steps = [r["step"] for r in train]
-    losses = [r["loss"] for r in train]
-    top.plot(steps, losses, color="tab:blue", alpha=0.35, label="loss (step)")
-    window = max(1, len(losses) // 20)
-    running = [
-        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-        for i in range(len(losses))
-    ]
-    top.plot(steps, running, color="tab:blue", label=f"loss (mean of {window})")
+    top.plot(steps, [r["loss"] for r in train], color="tab:gray", alpha=0.3, label="loss (step)")
+    window = max(1, len(train) // 20)
+    for label, color, value in (
+        ("retrieval", "tab:blue", lambda r: _mean([v for k, v in r["loss_by_kind"].items() if k in RETRIEVAL_KINDS])),
+        ("language modelling", "tab:orange", lambda r: r["loss_by_kind"].get("language_modelling")),
+    ):
+        points = [(r["step"], value(r)) for r in train if value(r) is not None]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            running = [_mean(ys[max(0, i - window + 1) : i + 1]) for i in range(len(ys))]
+            top.plot(xs, running, color=color, label=f"{label} (mean of {window} steps)")
     if evals:
         top.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="tab:red", label="held-out")
     top.set_ylabel("loss")
@@ -773,6 +777,11 @@ def save_full_model(model: nn.Module, delta_path: Path, tokenizer, folder: Path)
     apply_delta(base, delta_path)
     base.eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
 
 
 def _by_kind(losses: list[float], samples: list[dict]) -> dict[str, float]:

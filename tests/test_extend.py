@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_llama_mem import LlamaMemForCausalLM
 from hf_llama_mem.extend import (
@@ -122,7 +122,7 @@ def test_resuming_with_other_settings_is_refused_by_name(source, run, tmp_path):
 
 
 def test_the_delta_applied_to_a_fresh_conversion_gives_the_trained_models_logits(source, tmp_path):
-    settings = ExtendSettings(**{**SETTINGS, "steps": 3, "lora_rank": 4, "lora_lr": 1e-2})
+    settings = ExtendSettings(**{**SETTINGS, "steps": 3, "lora_rank": 4, "lora_lr": 1e-2, "save_model": True})
     delta = extend(source, tmp_path, settings)
     tensors = load_file(delta)
     factors = [n for n in tensors if ".lora_" in n]
@@ -148,6 +148,10 @@ def test_the_delta_applied_to_a_fresh_conversion_gives_the_trained_models_logits
         expected = trained(input_ids=ids).logits
     assert (before - expected).abs().max() > 1e-3  # the delta changes the model
     assert_close(applied, expected, 1e-5, "delta merged into a fresh conversion vs the trained model")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()  # save_model: the full trained model
+    assert (tmp_path / "model" / "tokenizer_config.json").is_file()
+    with torch.no_grad():
+        assert_close(saved(ids).logits, expected, 1e-5, "saved full model vs the trained model")
 
 
 def test_a_delta_is_refused_by_a_model_it_does_not_fit(source, run):
@@ -204,6 +208,19 @@ def test_the_extend_command_line_mirrors_the_settings():
     assert (settings.steps, settings.memory_layers, settings.lora_rank, settings.train_memory) == (30, [], 8, False)
     assert settings.mix == {"passkey": 2.0, "kv_lookup": 1.0} and settings.lora_targets == ["q_proj", "v_proj"]
     assert (settings.sliding_window, settings.memory_lr, args.resume) == (64, 0.003, False)
+
+
+def test_the_extend_command_trains_and_reports(source, tmp_path, capsys):
+    from hf_llama_mem.cli import main
+
+    main(
+        ["extend", source, str(tmp_path), "--steps", "2", "--batch-size", "1", "--length-start", "320",
+         "--length-end", "320", "--sliding-window", str(WINDOW), "--no-progress", "--mix", "passkey=1"]
+    )  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["delta"] == str(tmp_path / DELTA_FILE) and report["steps"] == 2 and report["mean_abs_gate"] > 0
+    meta = read_delta_metadata(tmp_path / DELTA_FILE)
+    assert meta["settings"]["mix"] == {"passkey": 1.0} and meta["data"]["samples_seen"] == 2
 
 
 @pytest.mark.slow
