@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 from transformers import DynamicCache
 
@@ -48,17 +47,21 @@ def test_benchmark_reports_every_measure_with_ratios(tmp_path):
     assert (tmp_path / "bench.md").read_text().splitlines() == lines
 
 
-def test_training_flops_count_weights_that_multiply_and_attended_keys():
+def test_training_flops_count_the_output_layer_once_and_only_the_keys_attended():
+    """Properties, not the formula again: the input embedding is a lookup (tied or not, the vocabulary matrix
+    multiplies once, in the output layer); within the window the windowed model costs what Llama costs, and beyond it
+    less, by more the longer the input."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_llama_mem.bench import train_flops_per_token
 
-    memory_model, llama = tiny_model(), LlamaForCausalLM(LlamaConfig(**TINY_DIMS))
-    hidden, layers, embedding = TINY_DIMS["hidden_size"], TINY_DIMS["num_hidden_layers"], 256 * 64
-    for model, mean_attended in ((llama, (32 + 1) / 2), (memory_model, (sum(range(1, 9)) + 8 * 24) / 32)):
-        params = sum(p.numel() for p in model.parameters()) - embedding
-        expected = 6 * params + 12 * layers * hidden * mean_attended
-        assert train_flops_per_token(model, 32) == pytest.approx(expected)
+    untied, tied = (LlamaForCausalLM(LlamaConfig(**TINY_DIMS, tie_word_embeddings=tie)) for tie in (False, True))
+    assert train_flops_per_token(untied, 32) == train_flops_per_token(tied, 32)
+    windowed = tiny_model(memory_layers=[])  # W = 8, the same weights as Llama
+    assert sum(p.numel() for p in windowed.parameters()) == sum(p.numel() for p in untied.parameters())
+    assert train_flops_per_token(windowed, 8) == train_flops_per_token(untied, 8)
+    savings = [train_flops_per_token(untied, n) - train_flops_per_token(windowed, n) for n in (9, 32, 128)]
+    assert 0 < savings[0] < savings[1] < savings[2]
 
 
 def test_decode_steps_every_entry_in_turns_and_reports_each_median():

@@ -1,3 +1,4 @@
+import ast
 import json
 import os
 import subprocess
@@ -71,18 +72,33 @@ def test_saved_folder_is_flat_holds_exactly_the_model_code_and_names_all_auto_cl
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
 
 
-def test_remote_code_class_refuses_from_llama_with_how_to_install(tmp_path):
-    """The class transformers builds from the saved code files has no converter (convert_llama.py is not exported):
-    from_llama says to install the package, and the package's class converts."""
-    tiny_model().save_pretrained(tmp_path)
+def test_saved_code_loads_as_its_own_class_with_identical_logits_and_refuses_from_llama(tmp_path):
+    """The class transformers builds from the saved code files (in this process; the slow test below does it where
+    the package is not installed) computes the same logits, imports only its siblings, and has no converter
+    (convert_llama.py is not exported): from_llama says to install the package, whose class converts."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    for code in EXPORTED_CODE:
+        for node in ast.walk(ast.parse((tmp_path / code).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:  # relative: a sibling file, saved with it
+                assert node.level == 1 and f"{node.module}.py" in EXPORTED_CODE, (code, node.module)
+            elif isinstance(node, ast.ImportFrom):
+                assert not node.module.startswith("hf_llama_mem"), (code, node.module)
+            elif isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("hf_llama_mem") for alias in node.names), code
     remote_class = get_class_from_dynamic_module("modeling_llama_mem.LlamaMemForCausalLM", str(tmp_path))
     assert remote_class is not LlamaMemForCausalLM
+    remote = remote_class.from_pretrained(tmp_path).eval()
+    ids = torch.randint(1, 256, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(remote(ids).logits, model(ids).logits)
     llama = LlamaForCausalLM(LlamaConfig(**TINY_DIMS)).eval()
     with pytest.raises(ImportError, match="pip install hf-llama-mem"):
         remote_class.from_llama(llama)
     assert isinstance(LlamaMemForCausalLM.from_llama(llama, sliding_window=8), LlamaMemForCausalLM)
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_without_the_package_with_identical_logits(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)

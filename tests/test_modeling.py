@@ -188,3 +188,49 @@ def test_save_and_load_round_trip_gives_identical_logits(tmp_path, rule):
     assert isinstance(loaded, LlamaMemForCausalLM)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def left_padded_batch(length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, 256, (2, length))
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_cuda_forward_and_decode_give_the_cpu_float32_logits(dtype, atol):
+    """On CUDA (which takes the padded paths for any mask, and expands grouped keys for masked attention), a forward
+    and a prefill plus decode give the CPU's float32 logits, to the precision of the dtype."""
+    model = tiny_model()
+    ids, mask = left_padded_batch(60, pad=9)
+    real = mask.bool()
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        device_model = copy.deepcopy(model).to("cuda", dtype)
+        ids, mask = ids.cuda(), mask.cuda()
+        full = device_model(ids, attention_mask=mask).logits
+        cache = DynamicCache(config=device_model.config)
+        pieces = [device_model(ids[:, :40], attention_mask=mask[:, :40], cache=cache, use_cache=True).logits]
+        for t in range(40, 60):
+            pieces.append(device_model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits)
+    assert full.dtype == dtype
+    assert_close(full.float().cpu()[real], expected[real], atol, "forward")
+    assert_close(torch.cat(pieces, 1).float().cpu()[real], expected[real], atol, "prefill + decode")
+
+
+@pytest.mark.gpu
+def test_cuda_prefill_and_decode_never_wait_on_the_device():
+    """No host synchronisation in a forward: torch raises on any synchronising call while the debug mode is on."""
+    model = tiny_model().cuda()
+    ids, mask = (x.cuda() for x in left_padded_batch(50, pad=5))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :4], attention_mask=mask[:, :4], cache=cache, use_cache=True)  # lazy initialisations
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(ids[:, 4:40], attention_mask=mask[:, :40], cache=cache, use_cache=True)
+            for t in range(40, 50):
+                model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
