@@ -16,7 +16,9 @@ from transformers.utils import logging
 
 from .configuration_llama_mem import LlamaMemConfig
 from .evals.recall import AssociativeRecall
-from .modeling_llama_mem import LlamaMemForCausalLM, LlamaMemMemory
+from .memory_layer import LlamaMemMemory
+from .modeling_llama_mem import LlamaMemForCausalLM
+from .small_models import SMALL_DIMS
 
 logger = logging.get_logger(__name__)
 
@@ -75,10 +77,7 @@ class MemoryProbe(TrainerCallback):
 def build_model(settings: DemoSettings, with_memory: bool) -> LlamaMemForCausalLM:
     config = LlamaMemConfig(
         vocab_size=settings.task.vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **SMALL_DIMS,
         num_key_value_heads=4,
         sliding_window=settings.window,
         memory_chunk_size=32,

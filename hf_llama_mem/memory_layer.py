@@ -15,9 +15,6 @@ from .windowed_attention import WindowView
 
 __all__ = ["L2_EPS", "LlamaMemMemory", "MemoryReadRMSNorm", "l2_normalize"]
 
-# Up to this many new tokens, the key convolution is computed as a weighted sum of its taps (cheaper per call).
-SHORT_CONV_LENGTH = 4
-
 # The floor of the query norm in the L2 normalisation of memory queries and keys (F.normalize's eps).
 L2_EPS = 1e-6
 
@@ -128,11 +125,18 @@ class LlamaMemMemory(nn.Module):
             return self.read(*args)
         raise ValueError(f"step must be 'write' or 'read', got {step!r}.")
 
-    def entries(self, hidden_states, key, value, token_valid, layer_cache, decoding: bool) -> torch.Tensor:
-        """What this call's tokens will write: [value | memory key | g | beta], [B, Hkv, T, 2D + 2] in the model dtype.
+    def entries(self, hidden_states, key, value, view: WindowView, layer_cache) -> torch.Tensor:
+        """What this call's tokens will write when they leave the window: [value | memory key | g | beta],
+        [B, Hkv, T', 2D + 2] in the model dtype. With a cache every token will (its entry waits in the cache window);
+        without one only the first T' = T - W do, and only theirs are computed.
 
         hidden_states [B, T, hidden]; key (pre-RoPE), value [B, Hkv, T, D]. Padded tokens write nothing.
         """
+        token_valid = view.token_valid
+        if layer_cache is None and hidden_states.shape[1] > self.window:
+            leaving = hidden_states.shape[1] - self.window
+            hidden_states, key, value = hidden_states[:, :leaving], key[:, :, :leaving], value[:, :, :leaving]
+            token_valid = None if token_valid is None else token_valid[:, :leaving]
         batch, num_heads, length, head_dim = key.shape
         if token_valid is not None:
             key = key * token_valid[:, None, :, None]
@@ -143,7 +147,7 @@ class LlamaMemMemory(nn.Module):
             layer_cache.conv_states[0] if has_previous else conv_input.new_zeros(batch, conv_input.shape[1], taps)
         )
         padded = torch.cat([previous, conv_input], dim=-1)
-        if decoding:  # a weighted sum of the taps beats a convolution call
+        if view.decoding:  # a weighted sum of the taps beats a convolution call
             windows = padded.unfold(-1, taps + 1, 1)  # [B, C, T, taps + 1]
             memory_key = (windows * self.key_conv.weight).sum(-1)  # weight [C, 1, taps + 1]
         else:

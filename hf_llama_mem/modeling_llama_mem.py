@@ -46,6 +46,9 @@ logger = logging.get_logger(__name__)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 # Without gradients, a longer input runs through the cache in pieces of this many tokens (see LlamaMemModel.forward).
 PREFILL_SEGMENT = 2048
+# The per-token decay exp(-softplus(bias)) starts with its step softplus(bias) drawn log-uniformly from this range,
+# a decay between 0.90 and 0.999 (the dt initialisation of Mamba and GDN).
+DECAY_STEP_INIT_RANGE = (1e-3, 1e-1)
 
 
 class LlamaMemAttention(nn.Module):
@@ -88,16 +91,9 @@ class LlamaMemAttention(nn.Module):
 
         stored = value
         if self.memory is not None:
-            # A token is written into the memory when it leaves the window. With a cache every token will (its entry
-            # waits in the cache window); without one only the first T - W tokens do, and only theirs are computed.
-            writes, token_valid = (hidden_states, key, value), view.token_valid
-            if layer_cache is None and length > view.window:
-                leaving = length - view.window
-                writes = tuple(x[..., :leaving, :] for x in writes)  # each [..., T, dim]
-                token_valid = None if token_valid is None else token_valid[:, :leaving]
-            entries = self.memory("write", *writes, token_valid, memory_cache, view.decoding)
+            entries = self.memory("write", hidden_states, key, value, view, memory_cache)
             if layer_cache is not None:
-                stored = entries
+                stored = entries  # the cache window keeps each token's entry (value first) until it leaves
         cos, sin = position_embeddings
         rotated_query, rotated_key = apply_rotary_pos_emb(query, key, cos, sin)
         if layer_cache is not None:
@@ -171,8 +167,8 @@ class LlamaMemPreTrainedModel(PreTrainedModel):
             # which keeps the retrofit exact.
             init.constant_(module.gate, self.config.memory_gate_init)
             if module.gated:
-                # Per-token decay exp(-softplus(bias)) starts between 0.90 and 0.999, as in Mamba and GDN.
-                step = torch.empty_like(module.decay_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+                low, high = DECAY_STEP_INIT_RANGE
+                step = torch.empty_like(module.decay_bias).uniform_(math.log(low), math.log(high)).exp()
                 init.copy_(module.decay_bias, step + torch.log(-torch.expm1(-step)))
                 init.zeros_(module.decay_log_rate)
 
