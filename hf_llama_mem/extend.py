@@ -103,8 +103,8 @@ def _help(text: str, **extra) -> dict:
 class ExtendSettings:
     """What `extend` trains, on what, for how long. Every field is also a `hf-llama-mem extend` option."""
 
-    steps: int = field(default=200, metadata=_help("optimizer steps"))
-    batch_size: int = field(default=4, metadata=_help("samples per step (each weighs the same in the loss)"))
+    steps: int = field(default=150, metadata=_help("optimizer steps"))
+    batch_size: int = field(default=2, metadata=_help("samples per step (each weighs the same in the loss)"))
     micro_batch_size: int = field(default=1, metadata=_help("samples per forward (gradients accumulate)"))
     length_start: int = field(default=512, metadata=_help("sample length (tokens) at step 0"))
     length_end: int = field(default=2048, metadata=_help("sample length at the end of the ramp"))
@@ -486,6 +486,14 @@ def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTra
         problems.append("the delta holds LoRA factors but its metadata records no LoRA settings")
     if problems:
         raise ValueError(f"The delta {delta_path} does not fit this model: " + "; ".join(problems) + ".")
+    trained_on = meta["source"].get("fingerprint")
+    if trained_on and trained_on != fingerprint(model):
+        # Same shapes, other weights (another quantization or checkpoint of the source, or a model that already
+        # carries a delta): the delta applies, but it was trained for the weights it was trained on.
+        logger.warning(
+            f"The delta was trained on {meta['source'].get('name')!r} (weights fingerprint {trained_on}); this "
+            f"model's weights differ (fingerprint {fingerprint(model)}), so its results may differ from the recorded."
+        )
     with torch.no_grad():
         for name in memory:
             params[name].copy_(tensors[name])
