@@ -24,7 +24,9 @@ from hf_llama_mem.long_context_data import (
 EVAL_PHRASES = [s.strip() + "." for s in FILLER.split(".") if s.strip()] + [
     "pass key",
     "Remember it",
-    "special magic",
+    "special magic",  # RULER's needles: "One of the special magic numbers for ... is: ..."
+    "VAR ",  # RULER's variable tracking: "VAR ABCDE = 12345"
+    "Extract the value corresponding",  # RULER's key-value retrieval
 ]
 MIN_GAP = 40
 
