@@ -55,6 +55,8 @@ class WindowView:
       input in pieces of PREFILL_SEGMENT tokens (`LlamaMemModel.forward`).
     - key_valid None and cached == 0 (an unpadded input from its start): the first W queries through a causal
       kernel (`windowed_attention`).
+    key_valid is None only where an all-ones mask is known without a device sync (`known_unpadded`: on a CPU); on an
+    accelerator any mask takes the padded paths, which compute the same.
     """
 
     window: int
