@@ -61,7 +61,7 @@ def smollm2_gguf_path() -> Path:
 
 
 def resolve_source_name(source: str | os.PathLike) -> str:
-    """"smollm2" -> the installed GGUF file; anything else unchanged."""
+    """ "smollm2" -> the installed GGUF file; anything else unchanged."""
     return str(smollm2_gguf_path()) if str(source) == SMOLLM2 else str(source)
 
 
