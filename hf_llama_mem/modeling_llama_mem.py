@@ -387,7 +387,9 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """Causal LM forward. `num_items_in_batch` (passed by Trainer through kwargs) goes to the loss."""
+        """Causal LM forward. `num_items_in_batch` (passed by Trainer through kwargs) and `shift_labels` (pre-shifted
+        targets, which Trainer passes under sequence or context parallelism) go to the loss; either `labels` or
+        `shift_labels` gives a loss."""
         check_no_attention_weights(output_attentions, self.config)
         outputs = self.model(
             input_ids=input_ids,
@@ -403,8 +405,11 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
-        if labels is not None:
-            loss_kwargs = {k: v for k, v in kwargs.items() if k in ("num_items_in_batch", "ignore_index")}
+        # Under sequence/context parallelism Trainer passes pre-shifted targets as `shift_labels` (with or without the
+        # labels they came from): the loss is over those, as transformers' ForCausalLMLoss computes it.
+        loss_names = ("num_items_in_batch", "ignore_index", "shift_labels")
+        loss_kwargs = {k: v for k, v in kwargs.items() if k in loss_names and v is not None}
+        if labels is not None or "shift_labels" in loss_kwargs:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         output = CausalLMOutputWithPast(
             loss=loss,

@@ -119,3 +119,21 @@ def test_the_model_uses_it_and_a_user_loss_function_replaces_it():
 
     model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum() * 0 + 42.0
     assert model(ids, labels=ids).loss.item() == 42.0
+
+
+def test_the_model_trains_on_shift_labels_when_given():
+    """Under sequence/context parallelism Trainer passes pre-shifted targets (`shift_labels`), with or without the
+    labels they came from: the model's loss is over those, as transformers' loss is (issue 18, item 16)."""
+    model = tiny_model()
+    ids = torch.randint(1, model.config.vocab_size, (2, 12))
+    shifted = torch.nn.functional.pad(ids, (0, 1), value=-100)[:, 1:]
+    with torch.no_grad():
+        from_labels = model(ids, labels=ids).loss
+        alone = model(ids, shift_labels=shifted).loss
+        other = shifted.clone()
+        other[:, :5] = -100  # a shard's targets: not what `labels` would give, and it is these that count
+        both = model(ids, labels=ids, shift_labels=other).loss
+        expected = ForCausalLMLoss(model(ids).logits, None, model.config.vocab_size, shift_labels=other)
+    assert alone is not None, "shift_labels without labels gave no loss"
+    assert_close(alone, from_labels, atol=1e-6, what="loss from shift_labels")
+    assert_close(both, expected, atol=1e-5, what="shift_labels over labels")
