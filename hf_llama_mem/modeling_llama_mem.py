@@ -31,6 +31,7 @@ from .configuration_llama_mem import LlamaMemConfig
 from .memory_layer import LlamaMemMemory
 from .windowed_attention import (
     WindowView,
+    check_padding_is_exact,
     keep_owned_window,
     make_window_view,
     positions_from_mask,
@@ -221,6 +222,14 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
+        """The decoder over `input_ids` (or `inputs_embeds`) [B, T], after the `cache`'s tokens if one is given.
+
+        attention_mask [B, past + T] (1 = real token, 0 = padding): left padding is exact (each row computes what it
+        computes unpadded), as are pads after a row's last real token, for the tokens before them. Padding between
+        real tokens is refused with a ValueError on CPU masks (on an accelerator the mask is not read back, and such
+        a row would see fewer than `sliding_window` real tokens): pad on the left, and generate() from left-padded
+        prompts (generate() extends the mask with ones on the right, which is not padding).
+        """
         check_no_attention_weights(output_attentions, self.config)
         cache = resolve_cache_argument(cache, past_key_values)
         inputs_embeds = self.embed(input_ids, inputs_embeds)
@@ -334,12 +343,15 @@ def check_no_attention_weights(output_attentions: bool | None, config: LlamaMemC
 
 
 def check_attention_mask(attention_mask, batch: int, past: int, length: int) -> None:
-    """attention_mask is [B, past + T] (1 = real token, 0 = padding) or None."""
+    """attention_mask is [B, past + T] (1 = real token, 0 = padding) or None; padding between real tokens is refused
+    (`check_padding_is_exact`)."""
     if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape != (batch, past + length)):
         raise ValueError(
             f"attention_mask must have shape [batch, past + length] = [{batch}, {past + length}] "
             f"(past = {past} cached tokens), got {tuple(attention_mask.shape)}."
         )
+    if attention_mask is not None:
+        check_padding_is_exact(attention_mask)
 
 
 class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
@@ -389,7 +401,8 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast | tuple:
         """Causal LM forward. `num_items_in_batch` (passed by Trainer through kwargs) and `shift_labels` (pre-shifted
         targets, which Trainer passes under sequence or context parallelism) go to the loss; either `labels` or
-        `shift_labels` gives a loss."""
+        `shift_labels` gives a loss. Padding: left padding is exact, padding between real tokens is refused (see
+        `LlamaMemModel.forward`)."""
         check_no_attention_weights(output_attentions, self.config)
         outputs = self.model(
             input_ids=input_ids,

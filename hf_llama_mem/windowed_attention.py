@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 __all__ = [
     "WindowView",
+    "check_padding_is_exact",
     "keep_owned_window",
     "known_unpadded",
     "make_window_view",
@@ -182,6 +183,37 @@ def known_unpadded(mask: torch.Tensor) -> bool:
     mask (what generate() passes) then takes the unpadded fast paths. On an accelerator the answer would stall the
     host until the device catches up, every forward, so there the mask is used as given (the same result)."""
     return mask.device.type == "cpu" and bool(mask.all())
+
+
+def check_padding_is_exact(mask: torch.Tensor) -> None:
+    """Refuse padding between real tokens. mask: [B, past + T], 1 = real token, 0 = padding.
+
+    The window is the last W positions, pads included, and a pad writes nothing to the memory: pads before a row's
+    first real token (left padding) or after its last (right padding, for the tokens before it) change nothing, but a
+    pad between real tokens takes a real token's place in the window, so the tokens after it would see fewer than W
+    real tokens exactly. Such a mask is refused rather than computed differently from the same row unpadded; the
+    usual way to get one is a cached step or generate() after right padding. Checked where reading the mask is free
+    (a CPU mask with padding, `known_unpadded`); on an accelerator the answer would stall the host every forward, so
+    there the mask is used as given.
+    """
+    if mask.device.type != "cpu" or known_unpadded(mask):
+        return
+    real = mask.bool()
+    # A row is exact when its real tokens are one run: at most one real token follows a pad or starts the row.
+    run_starts = real & ~F.pad(real[:, :-1], (1, 0), value=False)
+    runs = run_starts.sum(-1)
+    if bool((runs > 1).any()):
+        row = int((runs > 1).nonzero()[0, 0])
+        first = int(real[row].nonzero()[0, 0])
+        gap = first + int((~real[row, first:]).nonzero()[0, 0])
+        gap_end = gap + int(real[row, gap:].nonzero()[0, 0])
+        raise ValueError(
+            f"attention_mask row {row} has padding between real tokens (positions {gap} to {gap_end - 1} are 0, "
+            f"with real tokens before and after): LlamaMem is exact with left padding (pads before the first real "
+            f"token) and with pads after the last; a pad between real tokens would take a real token's place in the "
+            f"sliding window. Pad on the left (tokenizer.padding_side = 'left'); generate() or a cached step after "
+            f"right padding puts the new tokens after the pads."
+        )
 
 
 def make_window_view(
