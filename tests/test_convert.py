@@ -116,3 +116,108 @@ def test_convert_cli_end_to_end(tmp_path):
     assert (loaded.config.sliding_window, loaded.config.memory_layers) == (16, [1])
     card = (tmp_path / "mem" / "README.md").read_text()
     assert "| sliding window W | 16 |" in card and "| layers with memory | 1 |" in card
+
+
+@pytest.fixture
+def llama_folder(tmp_path):
+    from transformers import ByT5Tokenizer
+
+    folder = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(**{**DIMS, "vocab_size": 384})).save_pretrained(folder)
+    ByT5Tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_convert_checkpoint_carries_the_tokenizer_over(llama_folder, tmp_path):
+    from transformers import AutoTokenizer
+
+    from hf_llama_mem.convert_llama import convert_checkpoint
+
+    summary = convert_checkpoint(llama_folder, tmp_path / "mem", sliding_window=WINDOW)
+    assert summary["tokenizer"] and summary["max_abs_logit_diff"] <= 1e-5
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "mem")
+    assert tokenizer("abc").input_ids == AutoTokenizer.from_pretrained(llama_folder)("abc").input_ids
+
+
+def test_convert_never_writes_over_the_source_nor_into_another_model(llama_folder, tmp_path):
+    from hf_llama_mem.convert_llama import convert_checkpoint
+
+    before = (llama_folder / "model.safetensors").read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="is the source's own folder"):
+            convert_checkpoint(llama_folder, llama_folder, sliding_window=WINDOW, overwrite=overwrite)
+    assert (llama_folder / "model.safetensors").read_bytes() == before
+    other = tmp_path / "other"
+    convert_checkpoint(llama_folder, other, sliding_window=WINDOW)
+    with pytest.raises(ValueError, match="already holds files .*--overwrite"):
+        convert_checkpoint(llama_folder, other, sliding_window=2 * WINDOW)
+    convert_checkpoint(llama_folder, other, sliding_window=2 * WINDOW, overwrite=True)
+    assert AutoModelForCausalLM.from_pretrained(other).config.sliding_window == 2 * WINDOW
+
+
+def test_convert_cli_refuses_its_source_as_destination_in_one_line(llama_folder, capsys):
+    from hf_llama_mem.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(llama_folder), str(llama_folder), "--sliding-window", "8"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert "source's own folder" in error and len(error.splitlines()) == 1
+
+
+def test_plain_copy_and_a_typo_in_the_settings(llama_folder, tmp_path):
+    from hf_llama_mem.convert_llama import convert_checkpoint
+
+    summary = convert_checkpoint(llama_folder, tmp_path / "plain", plain=True)
+    assert summary["model_type"] == "llama"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "plain").config.model_type == "llama"
+    with pytest.raises(ValueError, match=r"Unknown LlamaMemConfig field\(s\) \['sliding_windw'\]"):
+        LlamaMemForCausalLM.from_llama(str(llama_folder), sliding_windw=8)
+
+
+def test_tying_an_untied_source_is_refused():
+    llama = LlamaForCausalLM(LlamaConfig(**DIMS, tie_word_embeddings=False))
+    with pytest.raises(ValueError, match="would drop the source's own lm_head"):
+        LlamaMemForCausalLM.from_llama(llama, sliding_window=WINDOW, tie_word_embeddings=True)
+
+
+def test_from_llama_verifies_the_conversion():
+    llama = LlamaForCausalLM(LlamaConfig(**DIMS)).eval()
+    converted = LlamaMemForCausalLM.from_llama(llama, sliding_window=WINDOW)
+    assert converted.conversion_check["checked_sequences"] == 3
+    assert converted.conversion_check["max_abs_logit_diff"] <= 1e-5
+    from hf_llama_mem.convert_llama import verify_conversion
+
+    with pytest.raises(ValueError, match="num_sequences must be >= 1"):
+        verify_conversion(llama, converted, num_sequences=0)
+
+
+def test_a_delta_from_extend_is_applied_by_convert(llama_folder, tmp_path):
+    from hf_llama_mem.convert_llama import convert_checkpoint
+    from hf_llama_mem.extend import DELTA_FILE, ExtendSettings, extend
+
+    settings = ExtendSettings(
+        steps=2,
+        batch_size=1,
+        length_start=320,
+        length_end=320,
+        length_multiple=32,
+        sliding_window=16,
+        warmup_steps=1,
+        chat_fraction=0.0,
+        progress=False,
+        save_model=True,
+    )
+    extend(str(llama_folder), tmp_path / "run", settings)
+    delta = tmp_path / "run" / DELTA_FILE
+    with pytest.raises(ValueError, match="trained with sliding_window=16; the conversion asks for 32"):
+        convert_checkpoint(llama_folder, tmp_path / "bad", delta=delta, sliding_window=32)
+    summary = convert_checkpoint(llama_folder, tmp_path / "mem", delta=delta)
+    assert summary["sliding_window"] == 16 and summary["max_abs_logit_diff"] <= 1e-5
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "mem").eval()
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    ids = torch.randint(0, 384, (1, 80))
+    with torch.no_grad():
+        assert_close(converted(ids).logits, trained(ids).logits, 1e-5, "delta applied by convert")
+    with pytest.raises(FileNotFoundError, match="neither a delta file nor a shipped delta"):
+        convert_checkpoint(llama_folder, tmp_path / "none", delta="no-such-delta")
