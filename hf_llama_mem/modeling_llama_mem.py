@@ -31,6 +31,7 @@ from .configuration_llama_mem import LlamaMemConfig
 from .memory_layer import LlamaMemMemory
 from .windowed_attention import (
     WindowView,
+    check_not_packed,
     check_padding_is_exact,
     keep_owned_window,
     make_window_view,
@@ -228,7 +229,9 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         computes unpadded), as are pads after a row's last real token, for the tokens before them. Padding between
         real tokens is refused with a ValueError on CPU masks (on an accelerator the mask is not read back, and such
         a row would see fewer than `sliding_window` real tokens): pad on the left, and generate() from left-padded
-        prompts (generate() extends the mask with ones on the right, which is not padding).
+        prompts (generate() extends the mask with ones on the right, which is not padding). Packed sequences
+        (position_ids restarting inside a row, or varlen arguments such as cu_seq_lens_q) are refused
+        (`check_not_packed`).
         """
         check_no_attention_weights(output_attentions, self.config)
         cache = resolve_cache_argument(cache, past_key_values)
@@ -247,6 +250,7 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
 
         past = cache.get_seq_length() if cache is not None else 0
         check_attention_mask(attention_mask, batch, past, length)
+        check_not_packed(position_ids, attention_mask, past, kwargs)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -404,6 +408,7 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
         `shift_labels` gives a loss. Padding: left padding is exact, padding between real tokens is refused (see
         `LlamaMemModel.forward`)."""
         check_no_attention_weights(output_attentions, self.config)
+        check_not_packed(None, None, 0, kwargs)  # a packed batch's varlen arguments (position_ids: in the model)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

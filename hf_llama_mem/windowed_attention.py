@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 __all__ = [
     "WindowView",
+    "check_not_packed",
     "check_padding_is_exact",
     "keep_owned_window",
     "known_unpadded",
@@ -237,6 +238,49 @@ def positions_from_mask(attention_mask, past: int, length: int, device) -> torch
         return torch.arange(past, past + length, device=device)[None]
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)[:, -length:].to(device)
+
+
+# The keyword arguments of transformers' padding-free (packed) batches: DataCollatorWithFlattening's
+# return_flash_attn_kwargs and return_seq_idx.
+PACKED_SEQUENCE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+PACKED_SEQUENCES_UNSUPPORTED = (
+    "packed sequences (several sequences in one row, as DataCollatorWithFlattening produces) are not supported: "
+    "LlamaMem's window and memory would carry from one sequence into the next. Pad the batch instead "
+    "(DataCollatorWithPadding, or DataCollatorForLanguageModeling); padded rows are exact."
+)
+
+
+def check_not_packed(position_ids, attention_mask, past: int, kwargs: dict) -> None:
+    """Refuse a padding-free packed batch: varlen keyword arguments (cu_seq_lens_q, seq_idx, ...), or position_ids
+    that do not increase by one from token to token of a row (a new sequence starts where they restart).
+
+    position_ids [B or 1, T]; attention_mask [B, past + T] or None: with a mask only steps between real tokens count
+    (pads may hold any position), and the mask is read on a CPU only. Without a mask, on a fresh input (past 0),
+    the check runs on any device: one reduction read back by the host. That is the condition under which
+    transformers' own masks look for packed sequences (`find_packed_sequence_indices`, which reads its answer back
+    the same way in every such Llama forward), and what Trainer's padding-free batches are; with a mask or a cache
+    (inference, generate()) an accelerator's positions are not read back.
+    """
+    given = sorted(name for name in PACKED_SEQUENCE_KWARGS if kwargs.get(name) is not None)
+    if given:
+        raise ValueError(f"{PACKED_SEQUENCES_UNSUPPORTED} Got {', '.join(given)}.")
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] < 2:
+        return
+    on_cpu = position_ids.device.type == "cpu"
+    if attention_mask is None and (past == 0 or on_cpu):
+        restarts = position_ids.diff(dim=-1) != 1
+    elif attention_mask is not None and on_cpu and attention_mask.device.type == "cpu":
+        real = attention_mask[:, -position_ids.shape[1] :].bool()
+        restarts = (position_ids.diff(dim=-1) != 1) & real[:, 1:] & real[:, :-1]
+    else:
+        return
+    if bool(restarts.any()):
+        row, index = (int(i) for i in restarts.nonzero()[0])
+        previous, restart = (int(p) for p in position_ids[min(row, position_ids.shape[0] - 1), index : index + 2])
+        raise ValueError(
+            f"position_ids do not increase by one in row {row} (position {restart} at index {index + 1} follows "
+            f"{previous}): {PACKED_SEQUENCES_UNSUPPORTED}"
+        )
 
 
 def keep_owned_window(layer, window: int) -> None:
