@@ -289,8 +289,11 @@ def prepare(model: PreTrainedModel, settings: ExtendSettings) -> nn.Module:
     for name, param in model.named_parameters():
         param.requires_grad_((".memory." in name and settings.train_memory) or ".lora_" in name)
     if settings.gradient_checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base = base_causal_lm(model)
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers' newer name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 

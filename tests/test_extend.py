@@ -167,6 +167,15 @@ def test_samples_weigh_the_same_whatever_the_micro_batch(source):
     together, _ = sample_losses(model, samples)
     alone = torch.cat([sample_losses(model, [s])[0] for s in samples])
     assert_close(together, alone, 1e-5, "per-sample losses, batched vs one by one")
+    together.sum().backward()
+    checkpointed = ExtendSettings(**{**SETTINGS, "gradient_checkpointing": True})
+    recomputing = prepare(load_model(source, checkpointed), checkpointed)
+    with torch.no_grad():  # the same memory (a conversion initialises it at random)
+        for name, param in delta_tensors(recomputing).items():
+            param.copy_(delta_tensors(model)[name])
+    sample_losses(recomputing, samples)[0].sum().backward()
+    for (name, a), b in zip(delta_tensors(model).items(), delta_tensors(recomputing).values(), strict=True):
+        assert_close(b.grad, a.grad, 1e-5, f"gradient of {name} with activation checkpointing")
     # Each is the mean over its own labelled tokens: the passkey's few answer tokens weigh as much as a document.
     logits = model(input_ids=torch.tensor([samples[1]["input_ids"]])).logits[0, :-1]
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor(samples[1]["input_ids"][1:]))
