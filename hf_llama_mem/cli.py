@@ -19,17 +19,17 @@ from collections.abc import Callable
 from huggingface_hub.errors import StrictDataclassError
 
 
+class UsageError(Exception):
+    """A bad input or environment found by the CLI itself (a missing optional dependency): one line, exit code 2."""
+
+
 # What a run may raise for a bad input rather than a bug, and so is shown as one line with exit code 2: the library
 # refuses bad values with ValueError (transformers and huggingface_hub do too: a bad config value, a hub id that
 # cannot be), missing or unreadable files and folders are OSError (FileNotFoundError, PermissionError, and
-# huggingface_hub's HTTP and not-found errors), and a config field of the wrong type is huggingface_hub's
-# StrictDataclassError (LlamaMemConfig's ConfigTypeError is one). Anything else (TypeError, KeyError, IndexError,
-# RuntimeError, ...) is a bug in this package or its caller, and keeps its traceback so it can be reported.
-# UsageError is this module's own: a check of the CLI that a user can act on (a missing optional dependency).
-class UsageError(Exception):
-    """A bad input or environment found by the CLI itself: shown as one line, exit code 2."""
-
-
+# huggingface_hub's HTTP and not-found errors), a config field of the wrong type is huggingface_hub's
+# StrictDataclassError (LlamaMemConfig's ConfigTypeError is one), and UsageError is the CLI's own. Anything else
+# (TypeError, KeyError, IndexError, RuntimeError, ImportError, ...) is a bug in this package or its caller, and keeps
+# its traceback so it can be reported.
 USER_ERRORS = (ValueError, OSError, StrictDataclassError, UsageError)
 
 

