@@ -76,6 +76,17 @@ class LlamaMemConfig(LlamaConfig):
     ```"""
 
     model_type = "llama_mem"
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")`): the MLP is sharded as in Llama, the attention is
+    # not. A memory layer's memory reads all of the layer's pre-RoPE keys, values and queries (the key convolution
+    # and the decay and write projections are per kv head over the whole hidden state), so sharding q/k/v would hand
+    # it a slice of the heads; a plan names layers only by wildcard, so every layer's attention stays whole on each
+    # rank (replicated). The model adds the embedding (sharded on the vocabulary) and LlamaMemForCausalLM the LM
+    # head (sharded the same way, so tied weights are sharded together).
+    base_model_tp_plan = {
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
 
     sliding_window: int = 4096
     memory_rule: str = "gated_delta"

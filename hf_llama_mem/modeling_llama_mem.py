@@ -360,6 +360,9 @@ def check_attention_mask(attention_mask, batch: int, past: int, length: int) -> 
 
 class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Llama's: the head's weight sharded on the vocabulary (dim 0, as the embedding's "embedding_rowwise"), logits
+    # gathered; the base model's plan is LlamaMemConfig.base_model_tp_plan.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: LlamaMemConfig):
         super().__init__(config)
