@@ -127,7 +127,8 @@ class LlamaMemMemory(nn.Module):
 
     def entries(self, hidden_states, key, value, view: WindowView, layer_cache) -> torch.Tensor:
         """What this call's tokens will write when they leave the window: [value | memory key | g | beta],
-        [B, Hkv, T', 2D + 2] in the model dtype. With a cache every token will (its entry waits in the cache window);
+        [B, Hkv, T', 2D + 2] in float32 (a log decay g can lie below float16's range). With a cache every token will
+        (the cache keeps the value in its window values and the rest in its memory entries until the token leaves);
         without one only the first T' = T - W do, and only theirs are computed.
 
         hidden_states [B, T, hidden]; key (pre-RoPE), value [B, Hkv, T, D]. Padded tokens write nothing.
@@ -159,33 +160,38 @@ class LlamaMemMemory(nn.Module):
 
         beta = torch.sigmoid(self.write_proj(hidden_states).float())
         if self.gated:
-            g = -self.decay_log_rate.exp() * F.softplus(self.decay_proj(hidden_states).float() + self.decay_bias)
+            # in float32 from the parameters on: e^decay_log_rate alone can pass float16's 65504
+            rate = self.decay_log_rate.float().exp()
+            g = -rate * F.softplus(self.decay_proj(hidden_states).float() + self.decay_bias.float())
         else:
             g = torch.zeros_like(beta)
         if token_valid is not None:
             beta, g = beta * token_valid[..., None], g * token_valid[..., None]
         scalars = torch.stack([g, beta], dim=-1).transpose(1, 2)  # [B, Hkv, T, 2]
-        return torch.cat([value, memory_key.to(value.dtype), scalars.to(value.dtype)], dim=-1)
+        return torch.cat([value.float(), memory_key, scalars], dim=-1)
 
-    def read(self, query, window_entries, view: WindowView, layer_cache) -> torch.Tensor:
+    def read(self, query, window_values, window_entries, view: WindowView, layer_cache) -> torch.Tensor:
         """Memory read for every query: [B, T, H, D] in float32, normed and gated.
 
-        query: pre-RoPE [B, H, T, D]. window_entries: [B, Hkv, cached + T, 2D + 2], the cached window followed by
-        this call's tokens (without a cache, at least the first T - W of them: only those leave the window). The read
-        at step t sees exactly the tokens j <= t - W: in the stream of tokens leaving the window, front-padded with
-        no-op writes, the read at t comes after the writes of the t + 1 entries before it.
+        query: pre-RoPE [B, H, T, D]. window_values [B, Hkv, N, D] and window_entries [B, Hkv, N, D + 2] (memory
+        key, g, beta; float32): the values and memory entries of the cached window followed by this call's tokens
+        (without a cache, at least the first T - W of them: only those leave the window). The read at step t sees
+        exactly the tokens j <= t - W: in the stream of tokens leaving the window, front-padded with no-op writes, the
+        read at t comes after the writes of the t + 1 entries before it.
         """
         length = query.shape[2]
         state = None
         if layer_cache is not None and layer_cache.is_recurrent_states_initialized[0]:
             state = layer_cache.recurrent_states[0]
         if view.decoding:
-            return self.decode_read(query, window_entries, view, layer_cache, state)
+            return self.decode_read(query, window_values, window_entries, view, layer_cache, state)
         # With a cache the final state must include the token that leaves at the last step: one more stream entry,
         # read by a zero query.
         stream_length = length + (layer_cache is not None)
         no_ops = min(self.window - view.cached, stream_length)
-        entries = window_entries[:, :, : stream_length - no_ops].transpose(1, 2)
+        leaving = stream_length - no_ops
+        value = window_values[:, :, :leaving].transpose(1, 2)
+        entries = window_entries[:, :, :leaving].transpose(1, 2)
         # The query's L2 normalisation is folded into the read norm (MemoryReadRMSNorm).
         memory_query = query.transpose(1, 2).float()
         # Until the first write the memory is empty and every read is exactly zero (and depends on nothing): the op
@@ -193,11 +199,11 @@ class LlamaMemMemory(nn.Module):
         skipped = min(no_ops, length) if state is None else 0
         reading = memory_query[:, skipped:]  # the queries whose reads can be nonzero
         if state is not None:
-            entries = F.pad(entries, (0, 0, 0, 0, no_ops, 0))
+            value, entries = (F.pad(x, (0, 0, 0, 0, no_ops, 0)) for x in (value, entries))
         read_query = reading
         if entries.shape[1] > reading.shape[1]:  # zero queries for the entries after the last token (a cache's)
             read_query = F.pad(reading, (0, 0, 0, 0, 0, entries.shape[1] - reading.shape[1]))
-        value, key, g, beta = entries.split([self.head_dim, self.head_dim, 1, 1], dim=-1)
+        key, g, beta = entries.split([self.head_dim, 1, 1], dim=-1)
         read, final_state = chunk_gated_delta_rule(
             read_query,
             key,
@@ -214,7 +220,7 @@ class LlamaMemMemory(nn.Module):
         normed = self.read_norm(read[:, : reading.shape[1]], reading, self.gate, view.differentiable)
         return F.pad(normed, (0, 0, 0, 0, skipped, 0)) if skipped else normed
 
-    def decode_read(self, query, window_entries, view: WindowView, layer_cache, state) -> torch.Tensor:
+    def decode_read(self, query, window_values, window_entries, view: WindowView, layer_cache, state) -> torch.Tensor:
         """`read` for one new token with a cache (a decode step): read S, then fold in the token that leaves the
         window now, if the window is full: the general path's result (the reference recurrence over a no-op and that
         token) in a few products instead of a few dozen small ops per layer. S is updated in place in the cache, where
@@ -228,8 +234,8 @@ class LlamaMemMemory(nn.Module):
         memory_query = query.float().view(batch * num_heads, num_q_heads // num_heads, head_dim)
         read = torch.bmm(memory_query, state.view(batch * num_heads, head_dim, head_dim))  # [B Hkv, G, D]
         if view.cached == self.window - 1:
-            leaving = window_entries[:, :, 0].float()  # [B, Hkv, 2D + 2]
-            value, key, g, beta = leaving.split([head_dim, head_dim, 1, 1], dim=-1)
+            value = window_values[:, :, 0].float()  # [B, Hkv, D]
+            key, g, beta = window_entries[:, :, 0].split([head_dim, 1, 1], dim=-1)
             gated_delta_write_(state, key, value, g, beta)
         shape = (batch, 1, num_q_heads, head_dim)
         return self.read_norm(read.view(shape), memory_query.view(shape), self.gate, view.differentiable)

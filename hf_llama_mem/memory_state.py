@@ -1,10 +1,11 @@
 """save_memory / load_memory: keep a model's memory (window + memory matrices) on disk between sessions;
 generate_with_memory: continue that memory turn after turn.
 
-The file is safetensors: per layer the window's keys and stored entries, the key-convolution state and the memory
-matrix, plus metadata saying how many tokens it has seen and which model (architecture and a weight fingerprint)
-it belongs to. A cache that `generate_with_memory` built also keeps the ids and attention mask of every token it has
-read (its history), and the file keeps them too. Continuing from a loaded state equals continuing from the original.
+The file is safetensors: per layer the window's keys and values, on a memory layer the memory entries of the same
+tokens (float32), the key-convolution state and the memory matrix, plus metadata saying how many tokens it has seen and
+which model (architecture and a weight fingerprint) it belongs to. A cache that `generate_with_memory` built also keeps
+the ids and attention mask of every token it has read (its history), and the file keeps them too. Continuing from a
+loaded state equals continuing from the original.
 
 What a continued generation sees of its history: generate() needs the ids of the whole history (it feeds only those
 the cache has not read, and its logits processors read the rest), so `generate_with_memory` passes the recorded ids
@@ -37,8 +38,17 @@ from .modeling_llama_mem import CACHE_FIELD
 
 __all__ = ["TokenHistory", "generate_with_memory", "load_memory", "save_memory", "token_history"]
 
-FORMAT_VERSION = "2"
-STATE_KINDS = ("keys", "values", "conv_states", "recurrent_states")
+FORMAT_VERSION = "3"
+# Formats this version no longer reads, and what was different in them.
+OLD_FORMATS = {
+    "1": "whose weight fingerprint covered only part of the weights",
+    "2": "which kept the memory's entries inside the window values",
+}
+STATE_KINDS = ("keys", "values", "memory_entries", "conv_states", "recurrent_states")
+# Per-token tensors of the window, [B, Hkv, tokens, ...]: each holds min(seen_tokens, W - 1) tokens.
+WINDOW_KINDS = ("keys", "values", "memory_entries")
+# Kept in float32 whatever the model dtype.
+FLOAT32_KINDS = ("memory_entries", "recurrent_states")
 HISTORY_IDS, HISTORY_MASK = "history.input_ids", "history.attention_mask"
 REQUIRED_METADATA = ("format_version", "seen_tokens", "layout", "weights")
 # Tokens of the forward that shows which state the model keeps (`reference_cache`).
@@ -141,7 +151,7 @@ def layout_of_cache(cache: DynamicCache) -> list[dict]:
 
 def layer_states(layer) -> dict[str, torch.Tensor]:
     """The tensors of one cache layer that a memory file keeps, by kind (STATE_KINDS)."""
-    states = {"keys": getattr(layer, "keys", None), "values": getattr(layer, "values", None)}
+    states = {kind: getattr(layer, kind, None) for kind in WINDOW_KINDS}
     for kind in ("conv_states", "recurrent_states"):
         states[kind] = getattr(layer, kind, {}).get(0)
     return {kind: tensor for kind, tensor in states.items() if tensor is not None}
@@ -179,7 +189,7 @@ def load_memory(path: str | os.PathLike, model: PreTrainedModel) -> DynamicCache
     from another architecture or other weights, a missing, unexpected, mis-shaped or wrongly typed tensor, a window
     longer than the model's, a token count that does not match the window. Window tensors saved at another floating
     precision are cast to this model's dtype (the same weights at another precision share the fingerprint); the
-    memory matrices are float32 in every file.
+    memory entries and matrices are float32 in every file.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No memory file at {path}.")
@@ -199,6 +209,8 @@ def load_memory(path: str | os.PathLike, model: PreTrainedModel) -> DynamicCache
             f"this model {weights_fingerprint(model)})."
         )
     cache = DynamicCache(config=model.config)
+    # The layers the model itself uses (its forward put them in the reference cache), empty.
+    cache.layers = [type(like)(sliding_window=like.sliding_window) for like in reference.layers]
     conv_taps = model.config.memory_conv_size - 1
     for index, (layer, like) in enumerate(zip(cache.layers, reference.layers, strict=True)):
         expected = layer_states(like)
@@ -209,6 +221,8 @@ def load_memory(path: str | os.PathLike, model: PreTrainedModel) -> DynamicCache
         layer.lazy_initialization(saved["keys"], saved["values"])
         layer.keys, layer.values = saved["keys"], saved["values"]
         layer.cumulative_length = seen
+        if "memory_entries" in saved:
+            layer.memory_entries = saved["memory_entries"]
         if "conv_states" in saved:
             layer.update_conv_state(saved["conv_states"], conv_kernel_size=conv_taps)
         if "recurrent_states" in saved:
@@ -224,10 +238,10 @@ def check_metadata(metadata: dict, path) -> tuple[int, list[dict]]:
     """The tokens seen and the saved layout, from metadata checked field by field."""
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
-        if version == "1":
+        if version in OLD_FORMATS:
             raise ValueError(
-                f"{path} is a memory file of format 1 (an earlier hf_llama_mem, whose weight fingerprint covered only "
-                f"part of the weights); this version reads format {FORMAT_VERSION}: re-create the memory."
+                f"{path} is a memory file of format {version} (an earlier hf_llama_mem, {OLD_FORMATS[version]}); "
+                f"this version reads format {FORMAT_VERSION}: re-create the memory."
             )
         raise ValueError(f"{path} is not a hf_llama_mem memory file (format {version!r}, expected {FORMAT_VERSION}).")
     for key in REQUIRED_METADATA:
@@ -269,8 +283,7 @@ def check_layout(saved: list[dict], expected: list[dict], path) -> None:
 def reference_cache(model: PreTrainedModel) -> DynamicCache:
     """The cache `model` builds from a few tokens: which tensors each layer keeps, their dtypes and devices, and
     every dimension but the batch and the window's token count. Following the model rather than a copy of its layout
-    keeps the checks right wherever the model stores its state. (A prefill, not a one-token decode step: that path
-    reads the key convolution's weight outside its module call, which accelerate's offload hooks do not provide.)"""
+    keeps the checks right wherever the model stores its state, and gives the cache layer classes it uses."""
     cache = DynamicCache(config=model.config)
     embedding = model.get_input_embeddings().weight
     device = embedding.device if embedding.device.type != "meta" else torch.device("cpu")
@@ -290,10 +303,10 @@ def check_tensors(tensors: dict, reference: DynamicCache, seen: int, config, pat
             if name not in tensors:
                 raise ValueError(f"Memory state {path}: {name} is missing (this model keeps one for layer {index}).")
             tensor = tensors[name]
-            if kind == "recurrent_states" and tensor.dtype != torch.float32:
+            if kind in FLOAT32_KINDS and tensor.dtype != torch.float32:
                 raise ValueError(
                     f"Memory state {path}: {name} has dtype {tensor.dtype}, expected torch.float32 (the memory "
-                    f"matrices are kept in float32 whatever the model dtype)."
+                    f"entries and matrices are kept in float32 whatever the model dtype)."
                 )
             if not tensor.dtype.is_floating_point:
                 raise ValueError(
@@ -310,7 +323,7 @@ def check_tensors(tensors: dict, reference: DynamicCache, seen: int, config, pat
                     f"Memory state {path}: {name} holds a batch of {tensor.shape[0]}, but the tensors before it a "
                     f"batch of {batch}."
                 )
-            if kind in ("keys", "values"):
+            if kind in WINDOW_KINDS:
                 tokens = tensor.shape[2]
                 if tokens > config.sliding_window - 1:
                     raise ValueError(

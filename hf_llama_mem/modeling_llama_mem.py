@@ -3,8 +3,13 @@
 Each memory layer's attention has two readers over the same q, k, v: causal softmax attention over the last
 `sliding_window` tokens (RoPE, GQA, through the attention interface the config selects), and a per-kv-head gated
 delta-rule matrix S that holds exactly the tokens that have left the window (see memory_ops.py for the op and
-its derivation). The cache is a stock transformers `DynamicCache`: layers of type
-"hybrid_sliding" keep the window plus S and the key-convolution state; generate() works unchanged.
+its derivation). The cache is a transformers `DynamicCache` (with or without a config): each layer keeps its window's
+keys and attention values as any sliding-window layer does, and a memory layer ("hybrid_sliding", a
+`LlamaMemCacheLayer`) also the window tokens' memory entries, S and the key-convolution state; generate() works
+unchanged, beam search and `batch_repeat_interleave` included. Every forward checks the cache's layers against the
+config (`prepare_cache`): a cache built for another configuration, or a StaticCache, is refused by name. A cache filled
+by a model of the same configuration with other weights cannot be told apart that cheaply and is not refused (memory
+files carry a weight fingerprint: `load_memory` refuses those).
 """
 
 import math
@@ -36,6 +41,7 @@ from .windowed_attention import (
     keep_owned_window,
     make_window_view,
     positions_from_mask,
+    prepare_cache,
     windowed_attention,
 )
 
@@ -91,15 +97,21 @@ class LlamaMemAttention(nn.Module):
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
         memory_cache = layer_cache if self.memory is not None else None
 
-        stored = value
         if self.memory is not None:
-            entries = self.memory("write", hidden_states, key, value, view, memory_cache)
-            if layer_cache is not None:
-                stored = entries  # the cache window keeps each token's entry (value first) until it leaves
+            # What each token writes when it leaves the window, [value | memory key | g | beta] in float32; without a
+            # cache the memory reads these, with one the cache window's.
+            writes = self.memory("write", hidden_states, key, value, view, memory_cache)
+            memory_values, memory_entries = writes[..., : self.head_dim], writes[..., self.head_dim :]
         cos, sin = position_embeddings
         rotated_query, rotated_key = apply_rotary_pos_emb(query, key, cos, sin)
+        attention_values = value
         if layer_cache is not None:
-            rotated_key, stored = layer_cache.update(rotated_key, stored)
+            # The window keeps keys and attention values where transformers' code expects them, and a memory layer
+            # its tokens' memory entries beside them (LlamaMemCacheLayer), until they leave.
+            rotated_key, attention_values = layer_cache.update(rotated_key, value)
+            if memory_cache is not None:
+                memory_values = attention_values
+                memory_entries = memory_cache.update_memory_entries(memory_entries)
             keep_owned_window(layer_cache, view.window)
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -108,14 +120,13 @@ class LlamaMemAttention(nn.Module):
             interface,
             rotated_query,
             rotated_key,
-            stored[..., : self.head_dim],
+            attention_values,
             view,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
         )
         if self.memory is not None:
-            window_entries = stored if layer_cache is not None else entries
-            read = self.memory("read", query, window_entries, view, memory_cache)
+            read = self.memory("read", query, memory_values, memory_entries, view, memory_cache)
             output = output + read.to(output.dtype)
         return self.o_proj(output.reshape(batch, length, -1))
 
@@ -246,6 +257,7 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
             use_cache, cache = False, None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        cache = prepare_cache(cache, self.config)  # a foreign cache is refused, DynamicCache() completed
         check_cache_batch(cache, batch)
 
         past = cache.get_seq_length() if cache is not None else 0
@@ -335,7 +347,13 @@ def check_cache_batch(cache: Cache | None, batch: int) -> None:
     for layer in cache.layers if cache is not None else []:
         keys = getattr(layer, "keys", None)
         if keys is not None and keys.numel() and keys.shape[0] != batch:
-            raise ValueError(f"The cache holds a batch of {keys.shape[0]} sequences, but the input has {batch}.")
+            hint = ""
+            if batch % keys.shape[0] == 0:
+                hint = (
+                    f" To continue {batch // keys.shape[0]} sequences per row (num_beams, num_return_sequences), call "
+                    f"cache.batch_repeat_interleave({batch // keys.shape[0]}) first."
+                )
+            raise ValueError(f"The cache holds a batch of {keys.shape[0]} sequences, but the input has {batch}.{hint}")
 
 
 def check_no_attention_weights(output_attentions: bool | None, config: LlamaMemConfig) -> None:

@@ -2,7 +2,8 @@
 
 `WindowView` is the per-call bookkeeping every layer shares (how many tokens the cache window holds, which keys are
 padding, the masks built so far); `windowed_attention` runs any transformers attention interface over the window;
-`keep_owned_window` trims a cache layer to the W - 1 tokens the next call needs, in tensors the cache owns.
+`keep_owned_window` trims a cache layer to the W - 1 tokens the next call needs, in tensors the cache owns;
+`LlamaMemCacheLayer` is a memory layer's cache; `prepare_cache` checks (and completes) the cache a forward is given.
 """
 
 from collections.abc import Callable
@@ -11,10 +12,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import (
+    Cache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionAndSlidingWindowAttentionLayer,
+    StaticCache,
+    StaticLayer,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import repeat_kv
 
 __all__ = [
+    "LlamaMemCacheLayer",
     "WindowView",
     "check_not_packed",
     "check_padding_is_exact",
@@ -22,6 +32,7 @@ __all__ = [
     "known_unpadded",
     "make_window_view",
     "positions_from_mask",
+    "prepare_cache",
     "windowed_attention",
 ]
 
@@ -34,6 +45,9 @@ INFERENCE_QUERY_BLOCK = 64
 # A kept window may sit in a storage up to this many times its size before it is copied out: after a decode step the
 # W - 1 kept tokens are a view of the W just concatenated, which is fine; after a prefill they would pin all of it.
 MAX_WINDOW_STORAGE_RATIO = 2
+# The per-token tensors of a cache layer's window, each [B, Hkv, tokens, ...]: attention keys (after RoPE) and values,
+# and on a memory layer what each of those tokens writes into the memory when it leaves the window.
+WINDOW_TENSORS = ("keys", "values", "memory_entries")
 
 
 @dataclass
@@ -284,15 +298,163 @@ def check_not_packed(position_ids, attention_mask, past: int, kwargs: dict) -> N
 
 
 def keep_owned_window(layer, window: int) -> None:
-    """Keep exactly the last W - 1 tokens of a cache layer's window, in tensors the layer owns.
+    """Keep exactly the last W - 1 tokens of a cache layer's window (WINDOW_TENSORS), in tensors the layer owns.
 
     The stock sliding-window layer keeps a view of everything passed to `update`, so after a long prefill the whole
     prefill stays pinned in memory; a copy of what is kept makes the cache size independent of the context length.
     """
     keep = window - 1
-    for name in ("keys", "values"):
-        kept = getattr(layer, name)
+    for name in WINDOW_TENSORS:
+        kept = getattr(layer, name, None)
+        if kept is None:  # a layer without memory has no memory entries
+            continue
         kept = kept[:, :, max(0, kept.shape[2] - keep) :]
         if kept.untyped_storage().nbytes() > MAX_WINDOW_STORAGE_RATIO * kept.nbytes:
             kept = kept.clone()
         setattr(layer, name, kept)
+
+
+class LlamaMemCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
+    """The cache of a memory layer ("hybrid_sliding"), with the attention window where transformers' code expects it.
+
+    `keys` (after RoPE) and `values` (the attention values, v_proj's output) of the last W - 1 tokens, as in any
+    sliding-window layer, so code that reads a layer's keys and values (cache quantization, compression tools) reads
+    attention keys and values. The memory's own state beside them: `memory_entries` [B, Hkv, tokens, D + 2], float32,
+    what each of the same tokens writes into the memory when it leaves the window (its memory key, log decay g and
+    write strength beta; float32 because a log decay can lie below float16's range); `conv_states[0]`, the memory
+    key convolution's last inputs; `recurrent_states[0]`, the memory matrix S (float32).
+
+    `prepare_cache` puts one in place of each stock "hybrid_sliding" layer before its first use. Beam reordering,
+    `batch_repeat_interleave` and `batch_select_indices` carry all of a row's state. A write into S cannot be
+    undone, so `crop` (which only assisted decoding needs; the model is stateful, so generate() does not use it) is
+    refused.
+    """
+
+    def __init__(self, sliding_window: int, number_of_states: int = 1, **kwargs):
+        super().__init__(sliding_window=sliding_window, number_of_states=number_of_states)
+        self.memory_entries: torch.Tensor | None = None
+
+    def update_memory_entries(self, entries: torch.Tensor) -> torch.Tensor:
+        """Append this call's entries [B, Hkv, T, D + 2]; returns those of the cached window and this call, as
+        `update` returns keys and values (`keep_owned_window` then trims the window to its last W - 1 tokens)."""
+        if self.memory_entries is not None:
+            entries = torch.cat([self.memory_entries, entries], dim=-2)
+        self.memory_entries = entries
+        return entries
+
+    def _apply_to_row_states(self, function) -> None:
+        """`function` on each per-row tensor beyond keys and values: memory entries, conv and recurrent states."""
+        if self.memory_entries is not None:
+            self.memory_entries = function(self.memory_entries)
+        for index in range(self.number_of_states):
+            if self.is_conv_states_initialized[index]:
+                self.conv_states[index] = function(self.conv_states[index])
+            if self.is_recurrent_states_initialized[index]:
+                self.recurrent_states[index] = function(self.recurrent_states[index])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)  # keys, values, conv and recurrent states
+        if self.memory_entries is not None:
+            self.memory_entries = self.memory_entries.index_select(0, beam_idx.to(self.memory_entries.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)  # keys and values
+        self._apply_to_row_states(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)  # keys and values
+        self._apply_to_row_states(lambda tensor: tensor[indices.to(tensor.device)])
+
+    def reset(self) -> None:
+        super().reset()
+        self.memory_entries = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0:
+            return  # the window is always at its working size
+        raise ValueError(
+            f"A LlamaMem cache cannot be cropped (crop({tokens_to_remove})): the tokens that left the window are "
+            f"already written into the memory matrix, and a write cannot be undone."
+        )
+
+
+# The cache layer type of a memory layer in config.layer_types (a layer without memory is "sliding_attention").
+MEMORY_LAYER_TYPE = "hybrid_sliding"
+STATIC_CACHE_REFUSED = (
+    "cache_implementation='static' (a StaticCache) is not supported, and not needed: LlamaMem's default cache is "
+    "already fixed-size (W - 1 window tokens and one memory matrix per layer, whatever the length). Drop "
+    "cache_implementation, or pass DynamicCache(config=model.config)."
+)
+FOREIGN = "A cache built for another configuration: "
+FIX = " Build the cache with DynamicCache(config=model.config) (or DynamicCache()) for this model."
+
+
+def layer_kind(layer) -> str:
+    """What a cache layer is, in the words of the errors below."""
+    if isinstance(layer, (LlamaMemCacheLayer, LinearAttentionAndSlidingWindowAttentionLayer)):
+        return "a sliding-window layer with memory"
+    if type(layer) is DynamicSlidingWindowLayer:
+        return "a sliding-window layer without memory"
+    if type(layer) is DynamicLayer:
+        return "a full-attention layer (DynamicLayer)"
+    return f"a {type(layer).__name__}"
+
+
+def prepare_cache(cache: Cache | None, config) -> Cache | None:
+    """The cache a forward runs on, checked against `config` before anything is read or written.
+
+    - A `DynamicCache()` built without a config and not used yet gets the layers `DynamicCache(config=config)` builds.
+    - Each stock "hybrid_sliding" layer not used yet becomes a `LlamaMemCacheLayer`.
+    - A StaticCache (generate's cache_implementation="static") is refused: this cache is already fixed-size.
+    - A cache built for another configuration (another layer count, window, memory layers, or layer types, such as
+      a full-attention Llama cache) is refused by name, with what differs.
+
+    The check reads the layers' types and windows only (no tensor, so no device sync), every forward: under 10
+    microseconds for 30 layers (measured on one busy CPU core). It cannot tell a cache filled by a model of the same
+    configuration but other weights: that cache continues with the other model's state. Memory files carry a weight
+    fingerprint, which `load_memory` checks.
+    """
+    if cache is None:
+        return None
+    if isinstance(cache, StaticCache):
+        raise ValueError(STATIC_CACHE_REFUSED)
+    # Read once: a config's attribute lookups cost microseconds each, and this runs every decode step.
+    window, layer_types = config.sliding_window, config.layer_types  # layer_types: validated against memory_layers
+    layers = cache.layers
+    if not layers and getattr(cache, "layer_class_to_replicate", None) is not None:
+        # `DynamicCache()`: its layers would be added one by one as full-attention layers; give it ours instead.
+        cache.layers = layers = [
+            LlamaMemCacheLayer(sliding_window=window)
+            if kind == MEMORY_LAYER_TYPE
+            else DynamicSlidingWindowLayer(sliding_window=window)
+            for kind in layer_types
+        ]
+        cache.layer_class_to_replicate = None
+    if len(layers) != len(layer_types):
+        raise ValueError(f"{FOREIGN}the cache has {len(layers)} layers, but this model has {len(layer_types)}.{FIX}")
+    for index, (layer, kind) in enumerate(zip(layers, layer_types, strict=True)):
+        memory = kind == MEMORY_LAYER_TYPE
+        if memory and type(layer) is LinearAttentionAndSlidingWindowAttentionLayer and not _used(layer):
+            layer = layers[index] = LlamaMemCacheLayer(sliding_window=layer.sliding_window)
+        if type(layer) is not (LlamaMemCacheLayer if memory else DynamicSlidingWindowLayer):
+            if isinstance(layer, StaticLayer):
+                raise ValueError(STATIC_CACHE_REFUSED)
+            needs = "has a memory" if memory else "has no memory"
+            raise ValueError(
+                f"{FOREIGN}cache layer {index} is {layer_kind(layer)}, but this model's layer {index} {needs}.{FIX}"
+            )
+        if layer.sliding_window != window:
+            raise ValueError(
+                f"{FOREIGN}cache layer {index} has sliding_window={layer.sliding_window}, but this model's window is "
+                f"{window}.{FIX}"
+            )
+    return cache
+
+
+def _used(layer: LinearAttentionAndSlidingWindowAttentionLayer) -> bool:
+    """Whether a stock hybrid layer holds any state (then it was filled by something else, and is not replaced)."""
+    return (
+        layer.is_initialized
+        or any(layer.is_conv_states_initialized.values())
+        or any(layer.is_recurrent_states_initialized.values())
+    )

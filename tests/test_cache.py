@@ -11,7 +11,7 @@ def cache_bytes(cache) -> int:
     """Bytes of every tensor storage the cache holds (views count their whole storage)."""
     storages = {}
     for layer in cache.layers:
-        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        tensors = [getattr(layer, name, None) for name in ("keys", "values", "memory_entries")]
         tensors += list(getattr(layer, "conv_states", {}).values()) + list(
             getattr(layer, "recurrent_states", {}).values()
         )
@@ -157,3 +157,161 @@ def test_segmented_prefill_equals_one_pass(monkeypatch, segment, explicit_positi
     for layer, (a, b) in enumerate(zip(pieces.hidden_states, whole.hidden_states, strict=True)):
         assert_close(a, b, 1e-5, f"hidden states {layer}")
     assert_close(pieces_after.logits, whole_after.logits, 1e-5, "logits after the prefill, from the cache")
+
+
+# ---- the cache layout and the caches forward accepts (issue 18, items 3, 4, 9, 10, 11, 12, 18) ----
+
+
+def v_proj_outputs(model, calls) -> list[torch.Tensor]:
+    """Runs `calls()` and returns, per layer, the v_proj outputs of every token it read, [B, Hkv, tokens, D]."""
+    recorded = [[] for _ in model.model.layers]
+    head_dim = model.config.head_dim
+    hooks = [
+        layer.self_attn.v_proj.register_forward_hook(
+            lambda module, args, out, i=i: recorded[i].append(out.unflatten(-1, (-1, head_dim)).transpose(1, 2))
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            calls()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.cat(values, dim=2) for values in recorded]
+
+
+@pytest.mark.parametrize("decode_steps", [0, 3], ids=["after-prefill", "after-decode"])
+def test_cache_layer_values_are_the_attention_values_of_the_last_window_tokens(decode_steps):
+    """Code that reads a cache layer's `values` as attention values (KV quantization, compression tools) gets them:
+    exactly the v_proj outputs (RoPE-free) of the last W - 1 tokens, in every layer. A memory layer keeps its tokens'
+    memory entries (memory key, log decay, write strength) as its own state, float32, for the same tokens."""
+    model = tiny_model(memory_layers=[1])
+    config = model.config
+    window, head_dim = config.sliding_window, config.head_dim
+    ids = torch.randint(1, 256, (2, 30 + decode_steps))
+    cache = DynamicCache(config=config)
+
+    def calls():
+        model(ids[:, :30], cache=cache, use_cache=True)
+        for t in range(30, 30 + decode_steps):
+            model(ids[:, t : t + 1], cache=cache, use_cache=True)
+
+    values = v_proj_outputs(model, calls)
+    for index, layer in enumerate(cache.layers):
+        assert torch.equal(layer.values, values[index][:, :, -(window - 1) :]), f"layer {index}"
+    assert getattr(cache.layers[0], "memory_entries", None) is None  # layer 0 has no memory
+    entries = cache.layers[1].memory_entries
+    assert entries.dtype == torch.float32
+    assert entries.shape == (2, config.num_key_value_heads, window - 1, head_dim + 2)
+
+
+def test_an_extreme_decay_stays_finite_in_float16():
+    """float16 ends at 65504: a log decay below -65504 (a memory that learned to forget at once) became -inf when the
+    window entries were cast to the model dtype, and the chunked op gave NaN. The decay and write strength are
+    computed and kept in float32, so a float16 model computes what the float32 one does, to float16 rounding."""
+    import copy
+    import math
+
+    model = tiny_model()
+    with torch.no_grad():
+        for layer in model.model.layers:  # log decay -4 softplus(30000 + ...), about -120000, for every token
+            layer.self_attn.memory.decay_bias.fill_(30000.0)
+            layer.self_attn.memory.decay_log_rate.fill_(math.log(4.0))
+    model = copy.deepcopy(model).half().float()  # weights float16 holds exactly: only the arithmetic differs
+    half = copy.deepcopy(model).half()
+    ids = torch.randint(1, 256, (1, 40))
+    with torch.no_grad():
+        expected = model(ids).logits
+        forward = half(ids).logits
+        incremental, cache = incremental_logits(half, ids, [30])
+    for name, logits in (("forward", forward), ("prefill + decode", incremental)):
+        assert torch.isfinite(logits).all(), name
+        # A memory that forgets at once holds one token, and the read norm scales that token's read to unit size
+        # whatever its query-key product, so float16's rounding of q and k shows more than in an ordinary model:
+        # measured up to 0.03 here, at logits up to 0.6 (0.001-0.004 with the initial decay).
+        assert_close(logits.float(), expected, 5e-2, f"float16 {name} vs float32")
+    head_dim = model.config.head_dim
+    for layer in cache.layers:
+        decay = layer.memory_entries[..., head_dim]
+        assert layer.memory_entries.dtype == torch.float32 and torch.isfinite(decay).all()
+        assert decay.max() < -65504  # what float16 cannot hold
+
+
+def foreign_cache(prefilled: bool, **config):
+    """A cache built (and, if `prefilled`, filled) for tiny_model(**config)."""
+    other = tiny_model(**config)
+    cache = DynamicCache(config=other.config)
+    if prefilled:
+        with torch.no_grad():
+            other(torch.randint(1, 256, (1, 20)), cache=cache, use_cache=True)
+    return cache
+
+
+@pytest.mark.parametrize("prefilled", [False, True], ids=["empty", "prefilled"])
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (dict(sliding_window=16), "cache layer 0 has sliding_window=16, but this model's window is 8"),
+        (dict(num_hidden_layers=3), "the cache has 3 layers, but this model has 2"),
+        (dict(memory_layers=[1]), "cache layer 0 is a sliding-window layer without memory"),
+    ],
+    ids=["window", "layers", "memory-layers"],
+)
+def test_a_cache_built_for_another_configuration_is_refused_by_name(other, message, prefilled):
+    model = tiny_model()
+    cache = foreign_cache(prefilled, **other)
+    with pytest.raises(ValueError) as error, torch.no_grad():
+        model(torch.randint(1, 256, (1, 3)), cache=cache, use_cache=True)
+    assert message in str(error.value)
+
+
+def test_a_cache_of_another_architecture_is_refused_by_name():
+    from transformers import LlamaConfig
+
+    from .helpers import TINY_DIMS
+
+    model = tiny_model()
+    cache = DynamicCache(config=LlamaConfig(**TINY_DIMS))  # full attention
+    with pytest.raises(ValueError, match="cache layer 0 is a full-attention layer"), torch.no_grad():
+        model(torch.randint(1, 256, (1, 3)), cache=cache, use_cache=True)
+
+
+def test_a_config_less_dynamic_cache_works_as_the_config_built_one():
+    """`DynamicCache()` (transformers' standard idiom) gets the layers this model needs on first use."""
+    model = tiny_model()
+    ids = torch.randint(1, 256, (2, 40))
+    results = []
+    for cache in (DynamicCache(), DynamicCache(config=model.config)):
+        with torch.no_grad():
+            first = model(ids[:, :30], cache=cache, use_cache=True).logits
+            steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(30, 40)]
+        results.append(torch.cat([first, *steps], dim=1))
+        assert len(cache.layers) == model.config.num_hidden_layers
+    assert torch.equal(results[0], results[1])
+
+
+def test_a_static_cache_is_refused_in_one_line():
+    from transformers import StaticCache
+
+    model = tiny_model()
+    with pytest.raises(ValueError, match="cache_implementation='static'.*already fixed-size"), torch.no_grad():
+        model(torch.randint(1, 256, (1, 3)), cache=StaticCache(config=model.config, max_cache_len=16), use_cache=True)
+
+
+def test_batch_select_indices_keeps_exactly_the_selected_rows():
+    """batch_repeat_interleave and batch_select_indices carry every state of a row: window, memory entries, key
+    convolution state and memory matrix (a row selected back from repeated ones continues as the original does)."""
+    model = tiny_model()
+    ids = torch.randint(1, 256, (2, 30))
+    original, repeated = (DynamicCache(config=model.config) for _ in range(2))
+    with torch.no_grad():
+        model(ids[:, :25], cache=original, use_cache=True)
+        model(ids[:, :25], cache=repeated, use_cache=True)
+        repeated.batch_repeat_interleave(3)
+        assert model(ids[:, 25:26].repeat_interleave(3, 0), cache=repeated, use_cache=True).logits.shape[0] == 6
+        repeated.batch_select_indices(torch.tensor([2, 5]))  # the last copy of each row
+        expected = [model(ids[:, 25:26], cache=original, use_cache=True).logits]
+        expected += [model(ids[:, t : t + 1], cache=original, use_cache=True).logits for t in range(26, 30)]
+        got = [model(ids[:, t : t + 1], cache=repeated, use_cache=True).logits for t in range(26, 30)]
+    assert_close(torch.cat(got, 1), torch.cat(expected[1:], 1), 1e-6, "selected rows")

@@ -1,4 +1,8 @@
+import pytest
 import torch
+from transformers import DynamicCache
+
+from hf_llama_mem.modeling_llama_mem import CACHE_FIELD
 
 from .helpers import tiny_model
 
@@ -41,3 +45,54 @@ def test_sampling_with_several_return_sequences():
     out = model.generate(prompt, max_new_tokens=15, do_sample=True, top_k=20, num_return_sequences=3)
     assert out.shape == (6, 25)
     assert torch.equal(out[:, :10], prompt.repeat_interleave(3, dim=0))
+
+
+# ---- caches generate() is given or builds (issue 18, items 9, 10, 11) ----
+
+
+def prefilled_cache(model, prompt, repeats=1):
+    """A cache that has read all of `prompt` but its last token, repeated for `repeats` sequences per row."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(prompt[:, :-1], use_cache=True, **{CACHE_FIELD: cache})
+    cache.batch_repeat_interleave(repeats)
+    return cache
+
+
+def test_generate_with_a_config_less_dynamic_cache_equals_the_default():
+    model = tiny_model()
+    prompt = torch.randint(1, 256, (2, 20))
+    kwargs = dict(max_new_tokens=15, do_sample=False)
+    assert torch.equal(
+        model.generate(prompt, **{CACHE_FIELD: DynamicCache()}, **kwargs), model.generate(prompt, **kwargs)
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_beams=2, do_sample=False),
+        dict(num_beams=2, num_return_sequences=2, do_sample=False),
+        dict(do_sample=True, top_k=20, num_return_sequences=2),
+    ],
+    ids=["beams", "beams-two-returned", "sampling-two-returned"],
+)
+def test_beams_and_several_sequences_start_from_a_prefilled_cache(kwargs):
+    """As with transformers' own models, a prefilled cache repeated with batch_repeat_interleave(n) continues n beams
+    or samples per row: the same output as generate() from scratch."""
+    model = tiny_model()
+    prompt = torch.randint(1, 256, (2, 20))
+    kwargs = dict(max_new_tokens=12, **kwargs)
+    cache = prefilled_cache(
+        model, prompt, repeats=max(kwargs.get("num_beams", 1), kwargs.get("num_return_sequences", 1))
+    )
+    torch.manual_seed(7)
+    expected = model.generate(prompt, **kwargs)
+    torch.manual_seed(7)
+    assert torch.equal(model.generate(prompt, **{CACHE_FIELD: cache}, **kwargs), expected)
+
+
+def test_a_static_cache_implementation_is_refused_in_one_line():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="cache_implementation='static'.*already fixed-size"):
+        model.generate(torch.randint(1, 256, (1, 10)), max_new_tokens=3, cache_implementation="static")

@@ -46,6 +46,32 @@ def test_restored_memory_generates_the_same(tmp_path):
     )
 
 
+def test_a_memory_file_keeps_every_state_of_the_cache_layers_as_they_are(tmp_path):
+    """Format 3: per layer the attention keys and values (values [B, Hkv, tokens, D], as transformers keeps them), on a
+    memory layer the float32 memory entries of the same tokens, the conv state and the memory matrix; a loaded cache
+    holds exactly what was saved, in the layer classes the model uses."""
+    model = tiny_model(memory_layers=[1])
+    cache = prefill(model, torch.randint(1, 256, (2, 30)))
+    save_memory(cache, tmp_path / "m.safetensors", model=model)
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as handle:
+        assert handle.metadata()["format_version"] == "3"
+        names = set(handle.keys())
+    assert names == {"layers.0.keys", "layers.0.values"} | {
+        f"layers.1.{kind}" for kind in ("keys", "values", "memory_entries", "conv_states", "recurrent_states")
+    }
+    restored = load_memory(tmp_path / "m.safetensors", model)
+    head_dim = model.config.head_dim
+    for index, (got, saved) in enumerate(zip(restored.layers, cache.layers, strict=True)):
+        assert type(got) is type(saved), f"layer {index}"
+        assert got.values.shape[-1] == head_dim
+        for kind in ("keys", "values", "memory_entries"):
+            if getattr(saved, kind, None) is not None:
+                assert torch.equal(getattr(got, kind), getattr(saved, kind)), f"layer {index} {kind}"
+    assert restored.layers[1].memory_entries.dtype == torch.float32
+    assert torch.equal(restored.layers[1].recurrent_states[0], cache.layers[1].recurrent_states[0])
+    assert torch.equal(restored.layers[1].conv_states[0], cache.layers[1].conv_states[0])
+
+
 @pytest.mark.parametrize(
     "other, message",
     [
@@ -140,6 +166,11 @@ def set_metadata(key, value):
         (drop("layers.0.recurrent_states"), "layers.0.recurrent_states is missing"),
         (drop("layers.1.conv_states"), "layers.1.conv_states is missing"),
         (drop("layers.1.values"), "layers.1.values is missing"),
+        (drop("layers.0.memory_entries"), "layers.0.memory_entries is missing"),
+        (
+            set_tensor("layers.1.memory_entries", lambda t: t.half()),
+            "layers.1.memory_entries has dtype torch.float16, expected torch.float32",
+        ),
         (set_tensor("layers.0.recurrent_states", lambda t: t.bfloat16()), "layers.0.recurrent_states has dtype"),
         (set_tensor("layers.1.keys", lambda t: t.long()), "layers.1.keys has dtype torch.int64"),
         (set_tensor("layers.0.conv_states", lambda t: t[..., :1]), "layers.0.conv_states has shape"),
@@ -160,11 +191,13 @@ def set_metadata(key, value):
         (set_metadata("weights", None), "has no 'weights' in its metadata"),
         (set_metadata("layout", "[{]"), "layout is not valid JSON"),
         (set_metadata("format_version", "1"), "format 1"),
+        (set_metadata("format_version", "2"), "format 2 (an earlier hf_llama_mem, which kept the memory's entries"),
     ],
     ids=[
-        "no-recurrent", "no-conv", "no-values", "recurrent-bf16", "keys-int", "conv-shape", "recurrent-shape",
+        "no-recurrent", "no-conv", "no-values", "no-memory-entries", "memory-entries-fp16", "recurrent-bf16",
+        "keys-int", "conv-shape", "recurrent-shape",
         "batch", "oversize-window", "extra-tensor", "seen-negative", "seen-text", "seen-inconsistent",
-        "no-seen", "no-layout", "no-weights", "layout-json", "old-format",
+        "no-seen", "no-layout", "no-weights", "layout-json", "old-format", "format-2",
     ],
 )  # fmt: skip
 def test_a_damaged_memory_file_is_refused_naming_what_is_wrong(tmp_path, damage, message):
