@@ -10,7 +10,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .configuration_llama_mem import LlamaMemConfig
-from .memory_ops import chunk_gated_delta_rule, gated_delta_write_
+from .memory_ops import chunk_gated_delta_rule, gated_delta_write, gated_delta_write_
 from .windowed_attention import WindowView
 
 __all__ = ["L2_EPS", "LlamaMemMemory", "MemoryReadRMSNorm", "l2_normalize"]
@@ -86,6 +86,16 @@ class _ReadNorm(torch.autograd.Function):
         weight_grad = (per_channel * gate[:, None]).sum(0)
         gate_grad = (per_channel * weight).sum(-1)
         return read_grad, query_grad, weight_grad, gate_grad, None
+
+
+def keep_memory_state(layer_cache, state: torch.Tensor, differentiable: bool) -> torch.Tensor:
+    """Store S in the cache layer. The cache copies into the tensor it holds, in place; a forward that records
+    gradients (`differentiable`) hands over the new tensor instead, since an earlier step's backward may still need
+    the values the old one holds (a decode step's read saves S)."""
+    if differentiable and layer_cache.is_recurrent_states_initialized[0]:
+        layer_cache.recurrent_states[0] = state
+        return state
+    return layer_cache.update_recurrent_state(state)
 
 
 class LlamaMemMemory(nn.Module):
@@ -215,8 +225,8 @@ class LlamaMemMemory(nn.Module):
             output_final_state=layer_cache is not None,
             chunk_size=self.chunk_size,
         )
-        if layer_cache is not None:
-            layer_cache.update_recurrent_state(final_state.contiguous())  # decode updates it in place, as a view
+        if layer_cache is not None:  # contiguous: a decode step updates it in place, as a view
+            keep_memory_state(layer_cache, final_state.contiguous(), view.differentiable)
         normed = self.read_norm(read[:, : reading.shape[1]], reading, self.gate, view.differentiable)
         return F.pad(normed, (0, 0, 0, 0, skipped, 0)) if skipped else normed
 
@@ -224,8 +234,8 @@ class LlamaMemMemory(nn.Module):
         """`read` for one new token with a cache (a decode step): read S, then fold in the token that leaves the
         window now, if the window is full: the general path's result (the reference recurrence over a no-op and that
         token) in a few products instead of a few dozen small ops per layer. S is updated in place in the cache, where
-        `update_recurrent_state` would copy it (cached forwards are for inference: a backward through several of them
-        already failed on the cache's in-place copies)."""
+        `update_recurrent_state` would copy it; a forward that records gradients writes a new S instead, since the
+        read's backward needs the old one."""
         batch, num_q_heads, _, head_dim = query.shape
         num_heads = window_entries.shape[1]
         if state is None:
@@ -236,6 +246,10 @@ class LlamaMemMemory(nn.Module):
         if view.cached == self.window - 1:
             value = window_values[:, :, 0].float()  # [B, Hkv, D]
             key, g, beta = window_entries[:, :, 0].split([head_dim, 1, 1], dim=-1)
-            gated_delta_write_(state, key, value, g, beta)
+            if view.differentiable:
+                written = gated_delta_write(state, key, value, g[..., 0], beta[..., 0])
+                keep_memory_state(layer_cache, written, differentiable=True)
+            else:
+                gated_delta_write_(state, key, value, g, beta)
         shape = (batch, 1, num_q_heads, head_dim)
         return self.read_norm(read.view(shape), memory_query.view(shape), self.gate, view.differentiable)

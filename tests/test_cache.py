@@ -315,3 +315,19 @@ def test_batch_select_indices_keeps_exactly_the_selected_rows():
         expected += [model(ids[:, t : t + 1], cache=original, use_cache=True).logits for t in range(26, 30)]
         got = [model(ids[:, t : t + 1], cache=repeated, use_cache=True).logits for t in range(26, 30)]
     assert_close(torch.cat(got, 1), torch.cat(expected[1:], 1), 1e-6, "selected rows")
+
+
+def test_backward_through_a_prefill_and_cached_decode_steps_equals_one_forward():
+    """A cached forward that records gradients (a prefill, then decode steps) backpropagates: the same gradients as
+    one forward over the whole sequence."""
+    model = tiny_model()
+    ids = torch.randint(1, 256, (1, 30))
+    weights = torch.randn(1, 30, model.config.vocab_size)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    expected = torch.autograd.grad((model(ids).logits * weights).sum(), parameters)
+    logits, _ = incremental_logits(model, ids, [20])
+    got = torch.autograd.grad((logits * weights).sum(), parameters)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    for name, a, b in zip(names, got, expected, strict=True):
+        scale = b.abs().max().clamp_min(1.0)
+        assert_close(a / scale, b / scale, 1e-5, f"gradient of {name}")
