@@ -1,7 +1,7 @@
 """The memory reader of one layer: the entries each token writes when it leaves the window, and the normed read.
 
 `LlamaMemMemory` feeds the gated delta-rule op (memory_ops.py) and keeps its state in the cache; `MemoryReadRMSNorm`
-is the RMS norm of the read with its backward written out.
+is the RMS norm of the read with its backward written out; `KeyConvolution` is the memory key's causal convolution.
 """
 
 import torch
@@ -13,7 +13,7 @@ from .configuration_llama_mem import LlamaMemConfig
 from .memory_ops import chunk_gated_delta_rule, gated_delta_write, gated_delta_write_
 from .windowed_attention import WindowView
 
-__all__ = ["L2_EPS", "LlamaMemMemory", "MemoryReadRMSNorm", "l2_normalize"]
+__all__ = ["L2_EPS", "KeyConvolution", "LlamaMemMemory", "MemoryReadRMSNorm", "l2_normalize"]
 
 # The floor of the query norm in the L2 normalisation of memory queries and keys (F.normalize's eps).
 L2_EPS = 1e-6
@@ -88,6 +88,21 @@ class _ReadNorm(torch.autograd.Function):
         return read_grad, query_grad, weight_grad, gate_grad, None
 
 
+class KeyConvolution(nn.Conv1d):
+    """The causal depthwise convolution of the memory key, over inputs already front-padded with the previous taps.
+
+    In a decode step (one new position) a weighted sum of the taps beats a convolution call. Both run inside this
+    module's forward, because accelerate's offloading loads a module's weights in a hook around its forward: a weight
+    read outside it is a meta tensor there."""
+
+    def forward(self, padded: torch.Tensor, decoding: bool = False) -> torch.Tensor:
+        """padded [B, C, taps + T] -> [B, C, T]. `decoding`: WindowView.decoding (T = 1)."""
+        if decoding:
+            windows = padded.unfold(-1, self.kernel_size[0], 1)  # [B, C, T, taps + 1]
+            return (windows * self.weight).sum(-1)  # weight [C, 1, taps + 1]
+        return super().forward(padded)
+
+
 def keep_memory_state(layer_cache, state: torch.Tensor, differentiable: bool) -> torch.Tensor:
     """Store S in the cache layer. The cache copies into the tensor it holds, in place; a forward that records
     gradients (`differentiable`) hands over the new tensor instead, since an earlier step's backward may still need
@@ -116,7 +131,7 @@ class LlamaMemMemory(nn.Module):
         self.num_key_value_heads = config.num_key_value_heads
         self.gated = config.memory_rule == "gated_delta"
         channels = config.num_key_value_heads * config.head_dim
-        self.key_conv = nn.Conv1d(channels, channels, config.memory_conv_size, groups=channels, bias=False)
+        self.key_conv = KeyConvolution(channels, channels, config.memory_conv_size, groups=channels, bias=False)
         if self.gated:
             self.decay_proj = nn.Linear(config.hidden_size, config.num_key_value_heads, bias=False)
             self.decay_bias = nn.Parameter(torch.zeros(config.num_key_value_heads))
@@ -158,11 +173,7 @@ class LlamaMemMemory(nn.Module):
             layer_cache.conv_states[0] if has_previous else conv_input.new_zeros(batch, conv_input.shape[1], taps)
         )
         padded = torch.cat([previous, conv_input], dim=-1)
-        if view.decoding:  # a weighted sum of the taps beats a convolution call
-            windows = padded.unfold(-1, taps + 1, 1)  # [B, C, T, taps + 1]
-            memory_key = (windows * self.key_conv.weight).sum(-1)  # weight [C, 1, taps + 1]
-        else:
-            memory_key = self.key_conv(padded)
+        memory_key = self.key_conv(padded, view.decoding)
         if layer_cache is not None and taps > 0:
             # after the convolution: the cache overwrites its conv state in place
             layer_cache.update_conv_state(conv_input, conv_kernel_size=taps)

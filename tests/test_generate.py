@@ -47,7 +47,7 @@ def test_sampling_with_several_return_sequences():
     assert torch.equal(out[:, :10], prompt.repeat_interleave(3, dim=0))
 
 
-# ---- caches generate() is given or builds (issue 18, items 9, 10, 11) ----
+# ---- caches generate() is given or builds (issue 18, items 9, 10, 11) and a disk-offloaded model ----
 
 
 def prefilled_cache(model, prompt, repeats=1):
@@ -96,3 +96,23 @@ def test_a_static_cache_implementation_is_refused_in_one_line():
     model = tiny_model()
     with pytest.raises(ValueError, match="cache_implementation='static'.*already fixed-size"):
         model.generate(torch.randint(1, 256, (1, 10)), max_new_tokens=3, cache_implementation="static")
+
+
+def test_a_model_offloaded_to_disk_generates_what_the_model_generates(tmp_path):
+    """With too little memory accelerate keeps whole layers on disk (meta tensors) and loads each module's weights
+    in a hook around its forward: every use of a weight, the decode step's included, goes through a module call."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "model")
+    layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model",
+        device_map="auto",
+        max_memory={"cpu": int(1.5 * layer_bytes)},
+        offload_folder=str(tmp_path / "offload"),
+    ).eval()
+    assert "disk" in set(offloaded.hf_device_map.values())
+    prompt = torch.randint(1, 256, (1, 20))
+    kwargs = dict(max_new_tokens=5, do_sample=False)
+    assert torch.equal(offloaded.generate(prompt, **kwargs), model.generate(prompt, **kwargs))
