@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationMixin, MaxLengthCriteria
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -397,6 +397,39 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    # generate() reads config.max_position_embeddings as the context of a bounded model: it caps a default max_length
+    # there (so a longer prompt fails: "Input length of input_ids is ..., but `max_length` is set to ...") and warns
+    # once a generation passes it. LlamaMem reads any length (the window, then the memory), as transformers' models
+    # without positions do: the default is 20 new tokens whatever the prompt's length, and there is no warning.
+    def _prepare_generated_length(
+        self,
+        generation_config,
+        has_default_max_length,
+        has_default_min_length,
+        model_input_name,
+        input_ids_length,
+        inputs_tensor,
+    ):
+        default_max_length = generation_config.max_length
+        generation_config = super()._prepare_generated_length(
+            generation_config,
+            has_default_max_length,
+            has_default_min_length,
+            model_input_name,
+            input_ids_length,
+            inputs_tensor,
+        )
+        if has_default_max_length and generation_config.max_new_tokens is None:
+            generation_config.max_length = default_max_length + input_ids_length  # the default's, uncapped
+        return generation_config
+
+    def _get_stopping_criteria(self, *args, **kwargs):
+        criteria = super()._get_stopping_criteria(*args, **kwargs)
+        for criterion in criteria:
+            if isinstance(criterion, MaxLengthCriteria):
+                criterion.max_position_embeddings = None  # no "exceeded the model's predefined maximum length"
+        return criteria
 
     @classmethod
     def from_llama(cls, source, **config_overrides) -> "LlamaMemForCausalLM":
