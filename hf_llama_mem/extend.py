@@ -113,6 +113,10 @@ class ExtendSettings:
     )
     length_multiple: int = field(default=64, metadata=_help("lengths on the ramp are multiples of this"))
     memory_lr: float = field(default=1e-2, metadata=_help("AdamW learning rate of the memory parameters"))
+    gate_lr: float | None = field(
+        default=None,
+        metadata=_help("learning rate of the memory gates (default: memory_lr); they start closed after a conversion"),
+    )
     warmup_steps: int = field(default=10, metadata=_help("linear warm-up steps of every learning rate"))
     lr_schedule: str = field(
         default="constant", metadata=_help("after the warm-up: constant or cosine", choices=("constant", "cosine"))
@@ -511,6 +515,21 @@ def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTra
 # --- the run ------------------------------------------------------------------------------------------------------
 
 
+def split_gate_group(model: nn.Module, groups: list[dict], gate_lr: float) -> list[dict]:
+    """The memory gates in a group of their own: a gate opens by its learning rate per step (AdamW), and a closed
+    gate also scales every other memory parameter's gradient, so a faster gate speeds up all the memory's learning."""
+    gates = {id(p) for name, p in model.named_parameters() if name.endswith(".memory.gate") and p.requires_grad}
+    split = []
+    for group in groups:
+        kept = [p for p in group["params"] if id(p) not in gates]
+        if group["name"] == "memory":
+            moved = [p for p in group["params"] if id(p) in gates]
+            split.append({**group, "params": moved, "name": "memory_gate", "lr": gate_lr})
+        if kept:
+            split.append({**group, "params": kept})
+    return [group for group in split if group["params"]]
+
+
 def make_scheduler(optimizer, settings: ExtendSettings):
     warmup, total = settings.warmup_steps, settings.steps
 
@@ -643,6 +662,8 @@ def extend(
         )
 
     groups = memory_parameter_groups(model, settings.lora_lr, settings.lora_weight_decay, settings.memory_lr)
+    if settings.gate_lr is not None:
+        groups = split_gate_group(model, groups, settings.gate_lr)
     optimizer = torch.optim.AdamW(groups)
     scheduler = make_scheduler(optimizer, settings)
 

@@ -291,3 +291,13 @@ def test_a_few_steps_on_smollm2_lower_the_held_out_retrieval_loss(tmp_path):
         meta["source"]["name"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and meta["source"]["config"]["hidden_size"] == 576
     )
     assert meta["training"]["mean_abs_gate"] > 0
+
+
+def test_the_gates_get_their_own_learning_rate(source, tmp_path):
+    settings = ExtendSettings(**{**SETTINGS, "steps": 2, "warmup_steps": 0, "gate_lr": 0.1})
+    extend(source, tmp_path, settings)
+    lrs = log_records(tmp_path)[-1]["lr"]
+    assert lrs["memory_gate"] == 0.1 and lrs["memory"] == settings.memory_lr
+    gates = [p for n, p in load_file(tmp_path / DELTA_FILE).items() if n.endswith(".memory.gate")]
+    # AdamW moves each gate by about its learning rate per step: two steps at 0.1 open them far past 2 * 1e-2.
+    assert max(g.abs().max().item() for g in gates) > 0.1
