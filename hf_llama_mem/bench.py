@@ -209,7 +209,7 @@ def decode_ms(runs: dict, steps=24) -> dict:
 def cache_bytes(cache):
     total = 0
     for layer in cache.layers:
-        for name in ("keys", "values"):
+        for name in ("keys", "values", "memory_entries"):  # the memory's per-token entries beside the window
             tensor = getattr(layer, name, None)
             total += tensor.numel() * tensor.element_size() if tensor is not None else 0
         for states in (getattr(layer, "conv_states", {}), getattr(layer, "recurrent_states", {})):
