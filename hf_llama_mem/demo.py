@@ -222,7 +222,8 @@ def smollm2_demo_inputs(delta: str) -> tuple[Path, Path]:
     if not path.is_file():
         raise FileNotFoundError(
             f"demo --model smollm2 needs the trained memory delta {path}, which is missing from this installation "
-            "(write one with `hf-llama-mem extend smollm2 DST`)."
+            "(a delta of your own, from `hf-llama-mem extend smollm2 DST`, applies with `hf-llama-mem convert "
+            "smollm2 DST --delta FILE`)."
         )
     return path, smollm2_gguf_path()
 
