@@ -93,6 +93,19 @@ def build_model(args, tokenizer) -> LlamaMemForCausalLM:
     return LlamaMemForCausalLM(config)
 
 
+def held_out_loss(model, blocks, batch_size: int) -> float:
+    """The mean loss over held-out blocks as Trainer.evaluate() computes it (each batch's mean loss, weighted by its
+    size), on the model as it is. Under DeepSpeed ZeRO stage 1 or 2, Trainer.evaluate() before training is refused
+    ("ZeRO inference only makes sense with ZeRO Stage 3"), so there the loss before training is measured here."""
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(blocks), batch_size):
+            ids = torch.tensor(blocks[start : start + batch_size]["input_ids"], device=model.device)
+            total += model(ids, labels=ids).loss.item() * len(ids)
+    return total / len(blocks)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_seed(args.seed)
@@ -141,11 +154,18 @@ def main(argv=None) -> dict:
         eval_dataset=eval_blocks,
         optimizers=(optimizer, None),
     )
-    before = trainer.evaluate()["eval_loss"]
+    if trainer.is_deepspeed_enabled:  # ZeRO-2 keeps whole parameters on each device: the model moves there anyway
+        before = held_out_loss(model.to(training_args.device), eval_blocks, args.batch_size)
+    else:
+        before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
     results = {
         "world_size": training_args.world_size,
+        # How the run was distributed (NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED) and, under FSDP 2, how many
+        # parameters each rank holds as a shard (DTensor) rather than whole.
+        "distributed_type": str(trainer.accelerator.distributed_type.value),
+        "sharded_parameters": sum(type(p).__name__ == "DTensor" for p in trainer.model_wrapped.parameters()),
         "train_blocks": len(train_blocks),
         "block_size": args.block_size,
         "window": model.config.sliding_window,

@@ -1,6 +1,6 @@
 """What each process of the multi-process tests runs (tests/test_distributed.py starts them with torchrun).
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed_workers.py tensor_parallel FOLDER
+    torchrun --standalone --nproc_per_node 2 tests/distributed_workers.py {tensor_parallel, fully_sharded} FOLDER
 
 Each rank writes FOLDER/result_rank{RANK}.json; the test compares those with the single-process reference saved in
 FOLDER/reference.pt.
@@ -60,7 +60,48 @@ def tensor_parallel(folder: Path) -> dict:
     }
 
 
-WORKERS = {"tensor_parallel": tensor_parallel}
+def fully_sharded(folder: Path) -> dict:
+    """FSDP 2 as examples/accelerate/fsdp.yaml asks accelerate for it (each layer of the class it names one unit,
+    resharded after forward, then the root): a few AdamW steps, each rank on its half of the batch. accelerate itself
+    turns FSDP on only on accelerators, so on CPUs the units are made here, with torch's fully_shard, as accelerate's
+    fsdp2_prepare_model makes them."""
+    import yaml
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    settings = yaml.safe_load(Path(os.environ["FSDP_CONFIG"]).read_text())["fsdp_config"]
+    reference = torch.load(folder / "reference.pt")
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    mesh = init_device_mesh("cpu", (world,))
+    reshard = settings["fsdp_reshard_after_forward"]
+    units = [m for m in model.modules() if type(m).__name__ == settings["fsdp_transformer_layer_cls_to_wrap"]]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=reference["lr"])
+    ids = reference["ids"].chunk(world)[rank]
+    losses = []
+    for _ in range(reference["steps"]):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    parameters = {name: p.full_tensor() for name, p in model.named_parameters()}  # every rank gathers
+    diff = max((parameters[name] - expected).abs().max().item() for name, expected in reference["params"].items())
+    return {
+        "units": len(units),
+        "sharded": sum(type(p).__name__ == "DTensor" for p in model.parameters()),
+        "parameters": sum(1 for _ in model.parameters()),
+        "losses": losses,
+        "param_max_abs_diff": diff,
+    }
+
+
+WORKERS = {"tensor_parallel": tensor_parallel, "fully_sharded": fully_sharded}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tensor parallelism (issue 18, item 15) on 2 CPU processes (gloo), against the single-process model."""
+"""Tensor parallelism (issue 18, item 15) and FSDP 2 on 2 CPU processes (gloo), against the single-process model."""
 
 import json
 import os
@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from hf_llama_mem import LlamaMemForCausalLM
-from hf_llama_mem.modeling_llama_mem import CACHE_FIELD
 
 from .helpers import tiny_config, tiny_model
 
@@ -18,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).with_name("distributed_workers.py")
 
 
-def run_workers(name: str, folder: Path, processes: int = 2) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def run_workers(name: str, folder: Path, processes: int = 2, **env_vars: str) -> list[dict]:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env_vars}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     result = subprocess.run(
         [*command, str(WORKERS), name, str(folder)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
@@ -77,4 +77,30 @@ def test_tensor_parallel_on_two_processes_gives_the_single_process_logits(tmp_pa
         assert {"model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.down_proj.weight"} <= sharded, sharded
         assert result["head_placements"] == result["embedding_placements"] == "(Shard(dim=0),)", result
         assert not [name for name in sharded if ".self_attn." in name], sharded
-    assert CACHE_FIELD in ("cache", "past_key_values")
+
+
+@pytest.mark.slow
+def test_fsdp2_with_the_example_configs_units_trains_as_one_process(tmp_path):
+    """examples/accelerate/fsdp.yaml's sharding (a unit per LlamaMemDecoderLayer, resharded after forward, then the
+    root, which holds the tied embedding and head) on 2 processes: 3 AdamW steps on half a batch each give the
+    parameters of one process's 3 steps on the mean of the two halves' losses."""
+    model = tiny_model(tie_word_embeddings=True)
+    model.save_pretrained(tmp_path)
+    ids, steps, lr = torch.randint(1, 256, (4, 40)), 3, 1e-3
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        halves = ids.chunk(2)
+        loss = sum(model(half, labels=half).loss for half in halves) / len(halves)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch.save(dict(ids=ids, steps=steps, lr=lr, params=params), tmp_path / "reference.pt")
+
+    config = ROOT / "examples" / "accelerate" / "fsdp.yaml"
+    for rank, result in enumerate(run_workers("fully_sharded", tmp_path, FSDP_CONFIG=str(config))):
+        assert result["units"] == model.config.num_hidden_layers, result
+        assert result["sharded"] == result["parameters"], result  # every parameter a shard on each rank
+        assert result["losses"][-1] < result["losses"][0], result
+        assert result["param_max_abs_diff"] <= 1e-5, (rank, result)

@@ -24,7 +24,8 @@ def load_example(name: str, monkeypatch):
 
 
 def run_example(script: str, *args: str, cwd, launcher: tuple[str, ...] = (sys.executable,)) -> str:
-    env = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent), "TOKENIZERS_PARALLELISM": "false"}
+    path = os.pathsep.join(filter(None, [str(EXAMPLES.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
         [*launcher, str(EXAMPLES / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
     )
@@ -89,6 +90,42 @@ def test_train_clm_under_accelerate_launch_runs_two_processes(tmp_path):
     )
     results = json.loads((tmp_path / "out" / "train_results.json").read_text())
     assert results["world_size"] == 2, results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["fsdp", "deepspeed_zero2"])
+def test_train_clm_under_the_accelerate_example_config_trains_on_two_processes(tmp_path, config):
+    """`accelerate launch --config_file examples/accelerate/{config}.yaml` for real, on 2 processes (CPUs here: the
+    configs' 8 processes and bf16 overridden). DeepSpeed ZeRO-2 runs as configured (when deepspeed is installed:
+    0.19.8 ran on CPUs, gloo). FSDP: accelerate (1.15) turns FSDP on only on accelerators (AcceleratorState sets
+    DistributedType.FSDP for MULTI_GPU, MULTI_XPU, ... only), so on CPUs the same launch trains data-parallel
+    (MULTI_CPU), unsharded; tests/test_distributed.py checks the config's FSDP 2 units on CPUs with torch's own
+    fully_shard."""
+    if config == "deepspeed_zero2":
+        pytest.importorskip("deepspeed")
+    gpus = torch.cuda.device_count()
+    run_example(
+        "train_clm.py",
+        *("--output-dir", str(tmp_path / "out"), "--steps", "4", "--block-size", "128", "--corpus-bytes", "50000"),
+        *("--batch-size", "2", "--gradient-accumulation", "1", "--eval-blocks", "2", "--hidden-size", "64"),
+        *("--layers", "2", "--window", "16"),
+        cwd=EXAMPLES.parent,  # the DeepSpeed config names its JSON file relative to the repository
+        launcher=(
+            *(sys.executable, "-m", "accelerate.commands.launch", "--config_file"),
+            str(EXAMPLES / "accelerate" / f"{config}.yaml"),
+            *("--num_processes", "2", "--mixed_precision", "bf16" if gpus >= 2 else "no"),
+        ),
+    )
+    results = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    assert results["world_size"] == 2, results
+    assert results["eval_loss_after"] < results["eval_loss_before"], results
+    if config == "deepspeed_zero2":
+        assert results["distributed_type"] == "DEEPSPEED", results
+    elif gpus >= 2:
+        assert results["distributed_type"] == "FSDP" and results["sharded_parameters"] > 0, results
+    else:
+        assert results["distributed_type"] == "MULTI_CPU" and results["sharded_parameters"] == 0, results
+    assert (tmp_path / "out" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
