@@ -87,6 +87,9 @@ class LlamaMemConfig(LlamaConfig):
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
     }
+    # Pipeline parallelism is not supported: Llama's plan passes (hidden_states, attention_mask) between stages, and
+    # a LlamaMem layer takes the window view and the cache instead. None makes transformers refuse it.
+    base_model_pp_plan = None
 
     sliding_window: int = 4096
     memory_rule: str = "gated_delta"

