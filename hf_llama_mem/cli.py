@@ -357,9 +357,20 @@ def generate(args: argparse.Namespace) -> None:
         save_memory(cache, args.save_memory, model)
 
 
+def bench_model(text: str) -> str:
+    """`bench --model`: the smollm2 preset or a model folder (only its config is read)."""
+    return text if text == "smollm2" else model_path(text)
+
+
 def add_bench_command(commands) -> None:
     p = commands.add_parser("bench", help="speed, cache and memory vs transformers' LlamaForCausalLM (CPU, fp32)")
     p.add_argument("--quick", action="store_true", help="smaller model and lengths (minutes, not tens of minutes)")
+    p.add_argument(
+        "--model",
+        type=bench_model,
+        help="the compared models' shape: 'smollm2' (SmolLM2-135M's) or a model folder's config (random weights: "
+        "speed does not depend on them); default: the benchmark's own dims",
+    )
     p.add_argument(
         "--json",
         type=writable_file,
@@ -370,7 +381,7 @@ def add_bench_command(commands) -> None:
 
 
 def bench(args: argparse.Namespace) -> None:
-    from .bench import FULL, QUICK, run_benchmark, write_results
+    from .bench import FULL, QUICK, run_benchmark, with_model_shape, write_results
 
     lines = []
 
@@ -378,7 +389,7 @@ def bench(args: argparse.Namespace) -> None:
         lines.append(line)
         print(line, flush=True)
 
-    results = run_benchmark(QUICK if args.quick else FULL, report)
+    results = run_benchmark(with_model_shape(QUICK if args.quick else FULL, args.model), report)
     write_results(results, args.json, lines)
     print(f"results: {args.json} and {os.path.splitext(args.json)[0]}.md")
 

@@ -87,3 +87,21 @@ def test_model_shape_from_a_folder_or_the_smollm2_preset(tmp_path):
     for model in models.values():
         assert (model.config.hidden_size, model.config.num_hidden_layers) == (64, 2)
     assert models["llama_mem"].config.sliding_window == 12
+
+
+def test_bench_command_takes_a_model_shape(tmp_path, monkeypatch):
+    import hf_llama_mem.bench as bench
+    from hf_llama_mem.cli import main
+
+    seen = {}
+
+    def fake_run(settings, report):
+        seen.update(settings)
+        return {"rows": []}
+
+    monkeypatch.setattr(bench, "run_benchmark", fake_run)
+    main(["bench", "--quick", "--model", "smollm2", "--json", str(tmp_path / "b.json")])
+    assert seen["dims"] == bench.SMOLLM2_DIMS and seen["train"] == bench.QUICK["train"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--model", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
