@@ -90,6 +90,8 @@ def test_model_shape_from_a_folder_or_the_smollm2_preset(tmp_path):
 
 
 def test_bench_command_takes_a_model_shape(tmp_path, monkeypatch):
+    import pytest
+
     import hf_llama_mem.bench as bench
     from hf_llama_mem.cli import main
 
