@@ -154,6 +154,12 @@ class ExtendSettings:
     memory_rule: str | None = field(
         default=None, metadata=_help("memory rule when converting", choices=("gated_delta", "delta"))
     )
+    write_bias_init: float | None = field(
+        default=None,
+        metadata=_help(
+            "when converting SRC: the memory's write-strength bias (sigmoid(b) is the first write strength)"
+        ),
+    )
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in the backward"))
     save_model: bool = field(default=False, metadata=_help("also save the full trained model (DST/model)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
@@ -232,6 +238,13 @@ def load_model(src, settings: ExtendSettings) -> PreTrainedModel:
             raise ValueError(f"SRC is already a LlamaMem model and differs from the settings: {'; '.join(differ)}.")
     else:
         model = LlamaMemForCausalLM.from_llama(src if isinstance(src, PreTrainedModel) else str(src), **overrides)
+        if settings.write_bias_init is not None:
+            # A low write strength at the start keeps the memory from being overwritten by every filler token
+            # before it has learned what is worth writing (the converted model's default is sigmoid(0) = 0.5).
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith(".memory.write_proj.bias"):
+                        param.fill_(settings.write_bias_init)
     return model.float()
 
 

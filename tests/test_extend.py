@@ -301,3 +301,9 @@ def test_the_gates_get_their_own_learning_rate(source, tmp_path):
     gates = [p for n, p in load_file(tmp_path / DELTA_FILE).items() if n.endswith(".memory.gate")]
     # AdamW moves each gate by about its learning rate per step: two steps at 0.1 open them far past 2 * 1e-2.
     assert max(g.abs().max().item() for g in gates) > 0.1
+
+
+def test_a_conversion_can_start_with_a_low_write_strength(source):
+    model = load_model(source, ExtendSettings(**{**SETTINGS, "write_bias_init": -3.0}))
+    biases = [p for n, p in model.named_parameters() if n.endswith(".memory.write_proj.bias")]
+    assert biases and all(torch.equal(b, torch.full_like(b, -3.0)) for b in biases)
