@@ -35,6 +35,8 @@ def main(kind: str, output: str, *named_files: str) -> None:
             x, y = lines(kind, json.load(handle))
         axis.plot(x, y, marker="o", label=label)
     axis.set_xscale("log", base=2)
+    if kind == "perplexity":
+        axis.set_yscale("log")  # a source past its trained context reaches thousands
     axis.set_xlabel("position in the document (bucket end, tokens)" if kind == "perplexity" else "context length")
     axis.set_ylabel("perplexity" if kind == "perplexity" else "passkey accuracy (mean over depths)")
     axis.axvline(8192, color="gray", linestyle=":", label="source's trained context (8192)")
