@@ -19,7 +19,6 @@ from transformers import AutoTokenizer, ByT5Tokenizer, LlamaConfig, LlamaForCaus
 from transformers.trainer_utils import set_seed
 
 from hf_llama_mem import LlamaMemForCausalLM
-from hf_llama_mem.convert_llama import verify_conversion
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,8 +51,8 @@ def main(argv=None) -> dict:
     checkpoint = args.checkpoint or small_random_llama(os.path.join(args.output_dir, "llama_source"))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     source = LlamaForCausalLM.from_pretrained(checkpoint)
-    model = LlamaMemForCausalLM.from_llama(source, sliding_window=args.window)
-    check = verify_conversion(source, model)
+    model = LlamaMemForCausalLM.from_llama(source, sliding_window=args.window)  # verifies the conversion
+    check = model.conversion_check
     del source
     model.train()
     args.train_memory = True
