@@ -60,6 +60,10 @@ class LlamaMemConfig(LlamaConfig):
             1 to 1024 (`MAX_MEMORY_CHUNK_SIZE`).
         memory_conv_size (`int`): taps of the causal depthwise convolution on the memory key (the token itself
             included), which lets a token's memory key carry its predecessors.
+        memory_projection_rank (`int`): rank of the memory's own low-rank corrections to the query it reads with and
+            the key it writes with (0: none, the memory uses the attention's pre-RoPE q and k as they are). They
+            start at zero, so a conversion stays exact; they let the memory learn keys for retrieval without changing
+            what softmax attention computes.
         memory_gate_init (`float`): starting value of the per-head gate on the memory read in a freshly initialised
             model. 1.0 (open) learns associative recall fastest; for language modelling from scratch, 0.0 with a
             larger learning rate on the memory parameters trained better in our runs (see examples/train_clm.py).
@@ -97,6 +101,7 @@ class LlamaMemConfig(LlamaConfig):
     memory_chunk_size: int = 64
     memory_conv_size: int = 4
     memory_gate_init: float | int = 1.0
+    memory_projection_rank: int = 0
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):
@@ -146,6 +151,8 @@ class LlamaMemConfig(LlamaConfig):
                 f"memory_chunk_size must be at most {MAX_MEMORY_CHUNK_SIZE}, got {self.memory_chunk_size}: every "
                 f"sequence is padded to whole chunks and each chunk costs C x C per head (64 is the default)."
             )
+        if self.memory_projection_rank < 0:
+            raise ValueError(f"memory_projection_rank must be >= 0, got {self.memory_projection_rank}.")
         gate = self.memory_gate_init
         if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not math.isfinite(gate):
             raise ValueError(f"memory_gate_init must be a finite number, got {gate!r}.")

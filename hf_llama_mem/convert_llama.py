@@ -285,8 +285,8 @@ def convert_checkpoint(
         from .extend import read_delta_metadata
 
         recorded = read_delta_metadata(delta_path)
-        for name in ("sliding_window", "memory_rule", "memory_layers"):
-            value = recorded[name]
+        for name in ("sliding_window", "memory_rule", "memory_layers", "memory_projection_rank"):
+            value = recorded.get(name, 0) if name == "memory_projection_rank" else recorded[name]
             if name in config_overrides and config_overrides[name] != value:
                 raise ValueError(
                     f"The delta was trained with {name}={value!r}; the conversion asks for {config_overrides[name]!r}."

@@ -154,6 +154,12 @@ class ExtendSettings:
     memory_rule: str | None = field(
         default=None, metadata=_help("memory rule when converting", choices=("gated_delta", "delta"))
     )
+    memory_projection_rank: int | None = field(
+        default=None,
+        metadata=_help(
+            "when converting SRC: rank of the memory's own query and key corrections (0: the attention's q and k)"
+        ),
+    )
     write_bias_init: float | None = field(
         default=None,
         metadata=_help(
@@ -221,8 +227,9 @@ def load_model(src, settings: ExtendSettings) -> PreTrainedModel:
         "sliding_window": settings.sliding_window or DEFAULT_WINDOW,
         "memory_layers": settings.memory_layers,
     }
-    if settings.memory_rule is not None:
-        overrides["memory_rule"] = settings.memory_rule
+    for name in ("memory_rule", "memory_projection_rank"):
+        if getattr(settings, name) is not None:
+            overrides[name] = getattr(settings, name)
     if isinstance(src, LlamaMemForCausalLM) or is_llama_mem_folder(src):
         model = src if isinstance(src, LlamaMemForCausalLM) else AutoModelForCausalLM.from_pretrained(src)
         config = model.config
@@ -231,8 +238,14 @@ def load_model(src, settings: ExtendSettings) -> PreTrainedModel:
             "sliding_window": settings.sliding_window,
             "memory_rule": settings.memory_rule,
             "memory_layers": None if settings.memory_layers is None else sorted(settings.memory_layers),
+            "memory_projection_rank": settings.memory_projection_rank,
         }
-        have = {"sliding_window": config.sliding_window, "memory_rule": config.memory_rule, "memory_layers": layers}
+        have = {
+            "sliding_window": config.sliding_window,
+            "memory_rule": config.memory_rule,
+            "memory_layers": layers,
+            "memory_projection_rank": config.memory_projection_rank,
+        }
         differ = [f"{k}: settings {v}, model {have[k]}" for k, v in wanted.items() if v is not None and v != have[k]]
         if differ:
             raise ValueError(f"SRC is already a LlamaMem model and differs from the settings: {'; '.join(differ)}.")
@@ -436,7 +449,8 @@ def write_delta(path: Path, model: nn.Module, metadata: dict) -> Path:
 
 def read_delta_metadata(path: str | os.PathLike) -> dict:
     """The metadata of a delta file, JSON values decoded: format, sliding_window, memory_layers, memory_rule,
-    memory_conv_size, lora, source, settings, command, seed, data, training, versions."""
+    memory_conv_size, memory_projection_rank (absent in older deltas: 0), lora, source, settings, command, seed,
+    data, training, versions."""
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
     if raw.get("format") != DELTA_FORMAT:
@@ -470,6 +484,9 @@ def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTra
         problems.append(f"memory_layers: delta {meta['memory_layers']}, model {_layers_of(config)}")
     if meta["memory_rule"] != config.memory_rule:
         problems.append(f"memory_rule: delta {meta['memory_rule']!r}, model {config.memory_rule!r}")
+    rank = meta.get("memory_projection_rank", 0)  # deltas of format 1 before the corrections existed have none
+    if rank != config.memory_projection_rank:
+        problems.append(f"memory_projection_rank: delta {rank}, model {config.memory_projection_rank}")
     for key, value in meta["source"]["config"].items():
         if key in SOURCE_FIELDS and value is not None and getattr(config, key, None) != value:
             problems.append(f"{key}: delta's source {value}, model {getattr(config, key, None)}")
@@ -779,6 +796,7 @@ def extend(
         "memory_layers": _layers_of(base_config),
         "memory_rule": base_config.memory_rule,
         "memory_conv_size": base_config.memory_conv_size,
+        "memory_projection_rank": base_config.memory_projection_rank,
         "lora": (
             {
                 "rank": settings.lora_rank,

@@ -13,7 +13,7 @@ from .configuration_llama_mem import LlamaMemConfig
 from .memory_ops import chunk_gated_delta_rule, gated_delta_write, gated_delta_write_
 from .windowed_attention import WindowView
 
-__all__ = ["L2_EPS", "KeyConvolution", "LlamaMemMemory", "MemoryReadRMSNorm", "l2_normalize"]
+__all__ = ["L2_EPS", "KeyConvolution", "LlamaMemMemory", "LowRankCorrection", "MemoryReadRMSNorm", "l2_normalize"]
 
 # The floor of the query norm in the L2 normalisation of memory queries and keys (F.normalize's eps).
 L2_EPS = 1e-6
@@ -103,6 +103,27 @@ class KeyConvolution(nn.Conv1d):
         return super().forward(padded)
 
 
+class LowRankCorrection(nn.Module):
+    """up @ down @ hidden_states, added to the attention's pre-RoPE query or key to give the memory its own.
+
+    `up` starts at zero (as LoRA's B), so the memory starts from the attention's projections and a conversion stays
+    exact; `down` starts as LoRA's A (the model's `_init_weights`). Why: the attention's q and k were trained for
+    softmax over rotated positions, and a retrieval from a linear memory needs keys that stay apart over thousands of
+    writes. Plain parameters rather than nn.Linear, so that transformers' Linear init never touches them."""
+
+    def __init__(self, hidden_size: int, rank: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.down = nn.Parameter(torch.empty(rank, hidden_size))
+        self.up = nn.Parameter(torch.zeros(num_heads * head_dim, rank))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states [B, T, hidden] -> [B, heads, T, D], the layout of the attention's query and key."""
+        batch, length, _ = hidden_states.shape
+        correction = F.linear(F.linear(hidden_states, self.down), self.up)
+        return correction.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+
 def keep_memory_state(layer_cache, state: torch.Tensor, differentiable: bool) -> torch.Tensor:
     """Store S in the cache layer. The cache copies into the tensor it holds, in place; a forward that records
     gradients (`differentiable`) hands over the new tensor instead, since an earlier step's backward may still need
@@ -139,6 +160,11 @@ class LlamaMemMemory(nn.Module):
         self.write_proj = nn.Linear(config.hidden_size, config.num_key_value_heads, bias=True)
         self.read_norm = MemoryReadRMSNorm(config.head_dim, eps=config.rms_norm_eps)
         self.gate = nn.Parameter(torch.ones(config.num_attention_heads))
+        self.query_correction = self.key_correction = None
+        if config.memory_projection_rank:
+            rank, hidden = config.memory_projection_rank, config.hidden_size
+            self.query_correction = LowRankCorrection(hidden, rank, config.num_attention_heads, config.head_dim)
+            self.key_correction = LowRankCorrection(hidden, rank, config.num_key_value_heads, config.head_dim)
 
     def forward(self, step: str, *args) -> torch.Tensor:
         """`step` "write" runs `entries(*args)`, "read" runs `read(*args)`. Both go through forward because module
@@ -163,6 +189,8 @@ class LlamaMemMemory(nn.Module):
             leaving = hidden_states.shape[1] - self.window
             hidden_states, key, value = hidden_states[:, :leaving], key[:, :, :leaving], value[:, :, :leaving]
             token_valid = None if token_valid is None else token_valid[:, :leaving]
+        if self.key_correction is not None:
+            key = key + self.key_correction(hidden_states)
         batch, num_heads, length, head_dim = key.shape
         if token_valid is not None:
             key = key * token_valid[:, None, :, None]
@@ -191,15 +219,17 @@ class LlamaMemMemory(nn.Module):
         scalars = torch.stack([g, beta], dim=-1).transpose(1, 2)  # [B, Hkv, T, 2]
         return torch.cat([value.float(), memory_key, scalars], dim=-1)
 
-    def read(self, query, window_values, window_entries, view: WindowView, layer_cache) -> torch.Tensor:
+    def read(self, hidden_states, query, window_values, window_entries, view: WindowView, layer_cache) -> torch.Tensor:
         """Memory read for every query: [B, T, H, D] in float32, normed and gated.
 
-        query: pre-RoPE [B, H, T, D]. window_values [B, Hkv, N, D] and window_entries [B, Hkv, N, D + 2] (memory
-        key, g, beta; float32): the values and memory entries of the cached window followed by this call's tokens
-        (without a cache, at least the first T - W of them: only those leave the window). The read at step t sees
-        exactly the tokens j <= t - W: in the stream of tokens leaving the window, front-padded with no-op writes, the
-        read at t comes after the writes of the t + 1 entries before it.
+        hidden_states [B, T, hidden]; query: pre-RoPE [B, H, T, D]. window_values [B, Hkv, N, D] and window_entries [B,
+        Hkv, N, D + 2] (memory key, g, beta; float32): the values and memory entries of the cached window followed by
+        this call's tokens (without a cache, at least the first T - W of them: only those leave the window). The read
+        at step t sees exactly the tokens j <= t - W: in the stream of tokens leaving the window, front-padded with
+        no-op writes, the read at t comes after the writes of the t + 1 entries before it.
         """
+        if self.query_correction is not None:
+            query = query + self.query_correction(hidden_states)
         length = query.shape[2]
         state = None
         if layer_cache is not None and layer_cache.is_recurrent_states_initialized[0]:

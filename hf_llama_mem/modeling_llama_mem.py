@@ -33,7 +33,7 @@ from transformers.utils import logging
 
 from .causal_lm_loss import causal_lm_loss
 from .configuration_llama_mem import LlamaMemConfig
-from .memory_layer import LlamaMemMemory
+from .memory_layer import LlamaMemMemory, LowRankCorrection
 from .windowed_attention import (
     WindowView,
     check_not_packed,
@@ -126,7 +126,7 @@ class LlamaMemAttention(nn.Module):
             scaling=self.scaling,
         )
         if self.memory is not None:
-            read = self.memory("read", query, memory_values, memory_entries, view, memory_cache)
+            read = self.memory("read", hidden_states, query, memory_values, memory_entries, view, memory_cache)
             output = output + read.to(output.dtype)
         return self.o_proj(output.reshape(batch, length, -1))
 
@@ -174,6 +174,10 @@ class LlamaMemPreTrainedModel(PreTrainedModel):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
         else:
             super()._init_weights(module)
+        if isinstance(module, LowRankCorrection):
+            # As LoRA: a random down projection and a zero up projection, so the correction starts at exactly zero.
+            init.kaiming_uniform_(module.down, a=math.sqrt(5))
+            init.zeros_(module.up)
         if isinstance(module, LlamaMemMemory):
             # A fresh model starts with the gate at config.memory_gate_init (1.0, open: on associative recall a closed
             # gate learns far more slowly, DESIGN.md section 1). Conversion from Llama closes it (`from_llama`),
