@@ -282,11 +282,9 @@ def convert_checkpoint(
     if check_sequences < 1:
         raise ValueError(f"check_sequences must be >= 1 to verify the conversion, got {check_sequences}.")
     if delta_path is not None:
-        from .extend import read_delta_metadata
+        from .extend import delta_conversion
 
-        recorded = read_delta_metadata(delta_path)
-        for name in ("sliding_window", "memory_rule", "memory_layers", "memory_projection_rank"):
-            value = recorded.get(name, 0) if name == "memory_projection_rank" else recorded[name]
+        for name, value in delta_conversion(delta_path).items():
             if name in config_overrides and config_overrides[name] != value:
                 raise ValueError(
                     f"The delta was trained with {name}={value!r}; the conversion asks for {config_overrides[name]!r}."

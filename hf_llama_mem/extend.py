@@ -2,7 +2,7 @@
 
     from hf_llama_mem.extend import ExtendSettings, extend, apply_delta
     delta = extend("SmolLM2-135M-Instruct.Q4_1.gguf", "extend_output", ExtendSettings(steps=200))
-    model = LlamaMemForCausalLM.from_llama(source, sliding_window=256)
+    model = LlamaMemForCausalLM.from_llama(source, **delta_conversion(delta))  # W, rule, layers, rank of the delta
     apply_delta(model, delta)  # the trained memory (and LoRA, merged into q/k/v) on a fresh conversion
 
 `extend(src, output_dir, settings)` loads SRC (a LlamaMem folder, or any Llama-family folder, hub id, .gguf file or
@@ -72,6 +72,7 @@ __all__ = [
     "ExtendSettings",
     "add_extend_parser",
     "apply_delta",
+    "delta_conversion",
     "delta_tensors",
     "extend",
     "read_delta_metadata",
@@ -92,7 +93,15 @@ SOURCE_FIELDS = (
     "num_key_value_heads",
     "head_dim",
 )
+# How `extend` converts a Llama-family SRC unless told otherwise (a LlamaMem SRC keeps its own), each measured on
+# SmolLM2 (README, "Long context from a pretrained Llama"): W = 256; the delta rule without decay, since a passkey must
+# survive any number of later writes and a decay initialised for language modelling forgets within hundreds of
+# tokens; a first write strength of sigmoid(-3) = 0.05, so filler does not overwrite the memory before the write
+# projection has learned what to keep; and rank-16 corrections to the memory's query and key, which learned passkey
+# retrieval several times faster than the attention's own q and k (the same steps, the same data).
 DEFAULT_WINDOW = 256
+DEFAULT_CONVERSION = {"memory_rule": "delta", "memory_projection_rank": 16}
+DEFAULT_WRITE_BIAS = -3.0
 
 
 def _help(text: str, **extra) -> dict:
@@ -152,18 +161,24 @@ class ExtendSettings:
         default=None, metadata=_help("layers with memory when converting (default all; '' for none: the twin)")
     )
     memory_rule: str | None = field(
-        default=None, metadata=_help("memory rule when converting", choices=("gated_delta", "delta"))
+        default=None,
+        metadata=_help(
+            f"memory rule when converting (default {DEFAULT_CONVERSION['memory_rule']})",
+            choices=("gated_delta", "delta"),
+        ),
     )
     memory_projection_rank: int | None = field(
         default=None,
         metadata=_help(
-            "when converting SRC: rank of the memory's own query and key corrections (0: the attention's q and k)"
+            "when converting SRC: rank of the memory's own query and key corrections (0: the attention's q and k; "
+            f"default {DEFAULT_CONVERSION['memory_projection_rank']})"
         ),
     )
     write_bias_init: float | None = field(
         default=None,
         metadata=_help(
-            "when converting SRC: the memory's write-strength bias (sigmoid(b) is the first write strength)"
+            "when converting SRC: the memory's write-strength bias (sigmoid(b) is the first write strength; "
+            f"default {DEFAULT_WRITE_BIAS})"
         ),
     )
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in the backward"))
@@ -227,9 +242,8 @@ def load_model(src, settings: ExtendSettings) -> PreTrainedModel:
         "sliding_window": settings.sliding_window or DEFAULT_WINDOW,
         "memory_layers": settings.memory_layers,
     }
-    for name in ("memory_rule", "memory_projection_rank"):
-        if getattr(settings, name) is not None:
-            overrides[name] = getattr(settings, name)
+    for name, default in DEFAULT_CONVERSION.items():
+        overrides[name] = default if getattr(settings, name) is None else getattr(settings, name)
     if isinstance(src, LlamaMemForCausalLM) or is_llama_mem_folder(src):
         model = src if isinstance(src, LlamaMemForCausalLM) else AutoModelForCausalLM.from_pretrained(src)
         config = model.config
@@ -251,13 +265,13 @@ def load_model(src, settings: ExtendSettings) -> PreTrainedModel:
             raise ValueError(f"SRC is already a LlamaMem model and differs from the settings: {'; '.join(differ)}.")
     else:
         model = LlamaMemForCausalLM.from_llama(src if isinstance(src, PreTrainedModel) else str(src), **overrides)
-        if settings.write_bias_init is not None:
-            # A low write strength at the start keeps the memory from being overwritten by every filler token
-            # before it has learned what is worth writing (the converted model's default is sigmoid(0) = 0.5).
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if name.endswith(".memory.write_proj.bias"):
-                        param.fill_(settings.write_bias_init)
+        # A low write strength at the start keeps the memory from being overwritten by every filler token before it
+        # has learned what is worth writing (a plain conversion's is sigmoid(0) = 0.5).
+        bias = DEFAULT_WRITE_BIAS if settings.write_bias_init is None else settings.write_bias_init
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".memory.write_proj.bias"):
+                    param.fill_(bias)
     return model.float()
 
 
@@ -404,13 +418,25 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
     return final
 
 
+def more_steps_continue_the_run(saved: dict, settings: ExtendSettings, step: int) -> bool:
+    """Whether a run saved with `saved` settings, continued from `step` to `settings.steps`, is exactly the longer
+    run from the start: so where neither the learning rate nor the sample length depends on the total (a constant
+    schedule after the warm-up, the same length ramp), a finished run can be given more steps."""
+    same_ramp = round(saved["steps"] * saved["length_ramp"]) == settings.ramp_steps
+    constant = saved["lr_schedule"] == settings.lr_schedule == "constant"
+    return constant and same_ramp and settings.steps >= step
+
+
 def load_checkpoint(folder: Path, model, optimizer, scheduler, stream, settings) -> int:
     from safetensors.torch import load_file
 
     state = torch.load(folder / "state.pt", weights_only=True)
     saved = json.loads(state["settings"])
     current = settings.to_json()
-    differ = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    resumable = set(RESUMABLE_CHANGES)
+    if more_steps_continue_the_run(saved, settings, state["step"]):
+        resumable.add("steps")
+    differ = [k for k in current if k not in resumable and saved.get(k) != current[k]]
     if differ:
         raise ValueError(
             f"The checkpoint {folder} was made with other settings ({', '.join(differ)}: "
@@ -462,6 +488,16 @@ def read_delta_metadata(path: str | os.PathLike) -> dict:
         except json.JSONDecodeError:
             decoded[key] = value
     return decoded
+
+
+# The config fields a conversion must share with the delta it takes, as `from_llama` keywords.
+CONVERSION_FIELDS = ("sliding_window", "memory_rule", "memory_layers", "memory_projection_rank")
+
+
+def delta_conversion(delta_path: str | os.PathLike) -> dict:
+    """The `from_llama` keywords of the conversion a delta applies to (W, memory rule, memory layers, rank)."""
+    meta = read_delta_metadata(delta_path)
+    return {name: meta.get(name, 0) if name == "memory_projection_rank" else meta[name] for name in CONVERSION_FIELDS}
 
 
 def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTrainedModel:

@@ -17,6 +17,7 @@ from hf_llama_mem.extend import (
     DELTA_FILE,
     ExtendSettings,
     apply_delta,
+    delta_conversion,
     delta_tensors,
     extend,
     load_model,
@@ -82,7 +83,10 @@ def log_records(folder) -> list[dict]:
 
 
 def test_the_recipe_runs_end_to_end_and_the_gates_open(source, run):
-    converted = LlamaMemForCausalLM.from_llama(source, sliding_window=WINDOW)
+    # the recipe's conversion defaults: the delta rule and rank-16 memory corrections
+    converted = LlamaMemForCausalLM.from_llama(
+        source, sliding_window=WINDOW, memory_rule="delta", memory_projection_rank=16
+    )
     gates = [p for n, p in converted.named_parameters() if n.endswith(".memory.gate")]
     assert gates and all(torch.all(g == 0) for g in gates)  # a conversion starts with the memory closed
     records = log_records(run)
@@ -96,8 +100,9 @@ def test_the_recipe_runs_end_to_end_and_the_gates_open(source, run):
     assert sum(t.numel() for t in tensors.values()) == sum(p.numel() for p in converted.memory_parameters())
     meta = read_delta_metadata(run / DELTA_FILE)
     assert (
-        meta["sliding_window"] == WINDOW and meta["memory_layers"] == [0, 1] and meta["memory_rule"] == "gated_delta"
+        meta["sliding_window"] == WINDOW and meta["memory_layers"] == [0, 1] and meta["memory_rule"] == "delta"
     )
+    assert meta["memory_projection_rank"] == 16
     assert meta["lora"] is None and meta["seed"] == 0 and meta["command"] == "test"
     assert meta["settings"] == ExtendSettings(**SETTINGS).to_json()
     assert meta["source"]["config"]["hidden_size"] == 64 and meta["source"]["name"].startswith("tiny_llama")
@@ -118,6 +123,19 @@ def test_a_resumed_run_ends_as_the_uninterrupted_one(source, run, tmp_path):
     for name, tensor in uninterrupted.items():
         assert_close(resumed[name], tensor, 1e-6, name)
     assert [r["loss"] for r in log_records(tmp_path)] == pytest.approx([r["loss"] for r in log_records(run)], abs=1e-6)
+
+
+def test_a_finished_run_given_more_steps_ends_as_the_longer_run(source, tmp_path):
+    """With a constant learning rate and no length ramp nothing depends on the total: 3 steps, then 6, is 6."""
+    settings = {**SETTINGS, "length_ramp": 0.0, "steps": 6}
+    longer = extend(source, tmp_path / "six", ExtendSettings(**settings))
+    extend(source, tmp_path / "three", ExtendSettings(**{**settings, "steps": 3}))
+    continued = extend(source, tmp_path / "three", ExtendSettings(**settings))
+    for name, tensor in load_file(longer).items():
+        assert_close(load_file(continued)[name], tensor, 1e-6, name)
+    assert [r["step"] for r in log_records(tmp_path / "three")] == list(range(1, 7))
+    with pytest.raises(ValueError, match="steps"):  # with a cosine schedule the first steps would have differed
+        extend(source, tmp_path / "three", ExtendSettings(**{**settings, "steps": 9, "lr_schedule": "cosine"}))
 
 
 def test_resuming_with_other_settings_is_refused_by_name(source, run, tmp_path):
@@ -145,7 +163,7 @@ def test_the_delta_applied_to_a_fresh_conversion_gives_the_trained_models_logits
     with torch.no_grad():
         for name, param in delta_tensors(trained).items():
             param.copy_(tensors[name])
-    fresh = LlamaMemForCausalLM.from_llama(source, sliding_window=WINDOW).eval()
+    fresh = LlamaMemForCausalLM.from_llama(source, **delta_conversion(delta)).eval()
     ids = torch.randint(3, 384, (2, 6 * WINDOW), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = fresh(ids).logits
@@ -184,13 +202,16 @@ def test_samples_weigh_the_same_whatever_the_micro_batch(source):
 
 def test_a_delta_is_refused_by_a_model_it_does_not_fit(source, run):
     delta = run / DELTA_FILE
+    fits = delta_conversion(delta)
     with pytest.raises(ValueError, match=f"sliding_window: delta {WINDOW}, model 32"):
-        apply_delta(LlamaMemForCausalLM.from_llama(source, sliding_window=32), delta)
+        apply_delta(LlamaMemForCausalLM.from_llama(source, **{**fits, "sliding_window": 32}), delta)
     with pytest.raises(ValueError, match=r"memory_layers: delta \[0, 1\], model \[1\]"):
-        apply_delta(LlamaMemForCausalLM.from_llama(source, sliding_window=WINDOW, memory_layers=[1]), delta)
+        apply_delta(LlamaMemForCausalLM.from_llama(source, **{**fits, "memory_layers": [1]}), delta)
+    with pytest.raises(ValueError, match="memory_projection_rank: delta 16, model 0"):
+        apply_delta(LlamaMemForCausalLM.from_llama(source, **{**fits, "memory_projection_rank": 0}), delta)
     with pytest.raises(ValueError, match="needs a LlamaMem model"):
         apply_delta(LlamaForCausalLM.from_pretrained(source), delta)
-    other_weights = LlamaMemForCausalLM.from_llama(source, sliding_window=WINDOW)
+    other_weights = LlamaMemForCausalLM.from_llama(source, **fits)
     with torch.no_grad():
         other_weights.model.layers[0].self_attn.q_proj.weight.mul_(1.01)
     with CaptureLogger(extend_logger) as captured:
@@ -206,7 +227,7 @@ def test_the_twin_without_memory_trains_lora_alone(source, tmp_path):
     meta = read_delta_metadata(delta)
     assert meta["memory_layers"] == [] and meta["lora"]["rank"] == 2
     assert all(r["mean_abs_gate"] is None for r in log_records(tmp_path))
-    twin = apply_delta(LlamaMemForCausalLM.from_llama(source, sliding_window=WINDOW, memory_layers=[]), delta)
+    twin = apply_delta(LlamaMemForCausalLM.from_llama(source, **delta_conversion(delta)), delta)
     assert twin.config.memory_layers == []
 
 
