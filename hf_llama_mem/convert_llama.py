@@ -303,10 +303,10 @@ def convert_checkpoint(
     converted = LlamaMemForCausalLM.from_llama(model, verify=False, **config_overrides)
     lora = None
     if delta_path is not None:
-        from .extend import apply_delta
+        from .extend import apply_delta, read_delta_metadata
 
         apply_delta(converted, delta_path)
-        lora = recorded.get("lora")
+        lora = read_delta_metadata(delta_path).get("lora")
     if lora:
         # LoRA merged into the projections changes the window's own logits: there is no source to equal.
         report = {"checked_sequences": 0, "not_checked": "the delta's LoRA changes the logits within the window"}

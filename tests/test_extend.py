@@ -99,9 +99,7 @@ def test_the_recipe_runs_end_to_end_and_the_gates_open(source, run):
     assert tensors and all(".memory." in n for n in tensors)
     assert sum(t.numel() for t in tensors.values()) == sum(p.numel() for p in converted.memory_parameters())
     meta = read_delta_metadata(run / DELTA_FILE)
-    assert (
-        meta["sliding_window"] == WINDOW and meta["memory_layers"] == [0, 1] and meta["memory_rule"] == "delta"
-    )
+    assert meta["sliding_window"] == WINDOW and meta["memory_layers"] == [0, 1] and meta["memory_rule"] == "delta"
     assert meta["memory_projection_rank"] == 16
     assert meta["lora"] is None and meta["seed"] == 0 and meta["command"] == "test"
     assert meta["settings"] == ExtendSettings(**SETTINGS).to_json()
