@@ -31,25 +31,6 @@ def test_the_shipped_delta_is_named_in_the_public_list():
     assert NAME in SHIPPED_DELTAS
 
 
-def answer_loss(model, tokenizer, options: PasskeyOptions, seed: int) -> float:
-    """Mean cross-entropy of the answer tokens over the task's own samples (finer than exact match)."""
-    import torch
-    import torch.nn.functional as F
-
-    from hf_llama_mem.evals.common import seeded_generator
-    from hf_llama_mem.evals.passkey import TextFormat
-
-    task, fmt, generator, losses = PasskeyTask(options), TextFormat(tokenizer), seeded_generator(seed), []
-    with torch.no_grad():
-        for length in options.lengths:
-            for depth in options.depths:
-                for _ in range(options.samples):
-                    sample = task.build(fmt, length, depth, generator)
-                    logits = model(input_ids=sample["input_ids"]).logits[0, :-1]
-                    losses.append(F.cross_entropy(logits, sample["labels"][0, 1:], ignore_index=-100).item())
-    return sum(losses) / len(losses)
-
-
 def test_the_shipped_delta_reproduces_its_recorded_passkey_result(shipped, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,7 +42,7 @@ def test_the_shipped_delta_reproduces_its_recorded_passkey_result(shipped, tmp_p
     options = PasskeyOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in check["options"].items()})
     results = PasskeyTask(options).evaluate(model, tokenizer, seed=check["seed"], progress=False)
     assert results["grid"] == check["delta"]["grid"], (results["grid"], check["delta"]["grid"])
-    loss = answer_loss(model, tokenizer, options, check["seed"])
+    loss = PasskeyTask(options).answer_loss(model, tokenizer, seed=check["seed"])
     assert abs(loss - check["delta"]["answer_loss"]) < 1e-3, (loss, check["delta"]["answer_loss"])
     # ... and the memory is what makes the difference: the windowed conversion's answers were recorded worse.
     assert loss < check["windowed"]["answer_loss"] - 0.5

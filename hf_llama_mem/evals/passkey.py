@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .common import Task, exact_match, figure, require, require_positive, require_values, seeded_generator
@@ -150,6 +151,19 @@ class PasskeyTask(Task):
             grid[(length, depth)] = correct / samples
         model.train(was_training)
         return summarize(grid, lengths, depths)
+
+    @torch.no_grad()
+    def answer_loss(self, model, tokenizer=None, *, seed: int = 0) -> float:
+        """Mean cross-entropy of the answer tokens over the same samples as `evaluate` (a finer measure than exact
+        match, for a model that retrieves most digits of a key)."""
+        fmt, generator, losses = self.format_for(tokenizer), seeded_generator(seed), []
+        for length in self.options.lengths:
+            for depth in self.options.depths:
+                for _ in range(self.options.samples):
+                    sample = self.build(fmt, length, depth, generator)
+                    logits = model(input_ids=sample["input_ids"].to(model.device)).logits[0, :-1].float().cpu()
+                    losses.append(F.cross_entropy(logits, sample["labels"][0, 1:], ignore_index=-100).item())
+        return sum(losses) / len(losses)
 
     def table(self, results: dict) -> str:
         depths = results["depths"]
