@@ -26,7 +26,7 @@ from hf_llama_mem.extend import (
     sample_losses,
 )
 from hf_llama_mem.extend import logger as extend_logger
-from hf_llama_mem.long_context_data import LongContextData, NaturalText
+from hf_llama_mem.long_context_data import DEFAULT_WEIGHTS, LongContextData, NaturalText
 
 from .helpers import TINY_DIMS, assert_close
 
@@ -37,6 +37,8 @@ SETTINGS = dict(
     batch_size=2,
     length_start=320,
     length_end=384,
+    length_ramp=0.5,
+    mix=dict(DEFAULT_WEIGHTS),  # every kind, where the recipe's default is passkeys alone
     length_multiple=32,
     sliding_window=WINDOW,
     warmup_steps=2,
