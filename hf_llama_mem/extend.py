@@ -186,6 +186,13 @@ class ExtendSettings:
             f"default {DEFAULT_WRITE_BIAS})"
         ),
     )
+    init_delta: str | None = field(
+        default=None,
+        metadata=_help(
+            "start from this delta (one extend wrote, without LoRA) applied to the conversion: a second stage, e.g. "
+            "a lower learning rate annealed (give it another seed, or it sees the first stage's samples again)"
+        ),
+    )
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in the backward"))
     save_model: bool = field(default=False, metadata=_help("also save the full trained model (DST/model)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
@@ -278,6 +285,16 @@ def load_model(src, settings: ExtendSettings) -> PreTrainedModel:
                 if name.endswith(".memory.write_proj.bias"):
                     param.fill_(bias)
     return model.float()
+
+
+def start_from_delta(model: PreTrainedModel, path: str | os.PathLike) -> None:
+    """Load a first stage's memory tensors. A delta with LoRA factors is refused: they would be merged into the
+    projections, and the second stage's delta (its own factors only) would no longer hold everything trained."""
+    if read_delta_metadata(path).get("lora"):
+        raise ValueError(
+            f"init_delta {path} has LoRA factors; a second stage can start only from a memory-only delta."
+        )
+    apply_delta(model, path)
 
 
 def source_identity(model: PreTrainedModel, src, settings: ExtendSettings) -> dict:
@@ -705,6 +722,8 @@ def extend(
 
     model = load_model(src, settings)
     source = source_identity(model, src, settings)
+    if settings.init_delta is not None:
+        start_from_delta(model, settings.init_delta)
     if tokenizer is None:
         tokenizer = load_tokenizer(src)
     config = model.config

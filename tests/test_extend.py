@@ -138,6 +138,19 @@ def test_a_finished_run_given_more_steps_ends_as_the_longer_run(source, tmp_path
         extend(source, tmp_path / "three", ExtendSettings(**{**settings, "steps": 9, "lr_schedule": "cosine"}))
 
 
+def test_a_second_stage_starts_from_the_first_stages_delta(source, run, tmp_path):
+    """init_delta: with a learning rate of 0 the second stage's delta is exactly the first's; LoRA deltas refused."""
+    first = run / DELTA_FILE
+    still = ExtendSettings(**{**SETTINGS, "steps": 2, "seed": 1, "memory_lr": 0.0, "init_delta": str(first)})
+    second = extend(source, tmp_path / "second", still)
+    for name, tensor in load_file(first).items():
+        assert_close(load_file(second)[name], tensor, 0.0, name)
+    assert read_delta_metadata(second)["settings"]["init_delta"] == str(first)
+    with_lora = extend(source, tmp_path / "lora", ExtendSettings(**{**SETTINGS, "steps": 1, "lora_rank": 2}))
+    with pytest.raises(ValueError, match="has LoRA factors"):
+        extend(source, tmp_path / "third", ExtendSettings(**{**SETTINGS, "steps": 1, "init_delta": str(with_lora)}))
+
+
 def test_resuming_with_other_settings_is_refused_by_name(source, run, tmp_path):
     shutil.copytree(run, tmp_path, dirs_exist_ok=True)
     with pytest.raises(ValueError, match="memory_lr"):
