@@ -28,6 +28,7 @@ q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V], g and beta [B, T, H], state [B,
 """
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -321,7 +322,11 @@ class _ChunkedRule(torch.autograd.Function):
 # Under torch.compile the rule is one opaque op with its backward another: traced, the scan over chunks and the
 # chunk-major views of every term are unrolled into generated code, which inductor's CPU code generation spends
 # minutes simplifying (its index expressions), for kernels (batched matmuls, a triangular solve) it runs as eager does.
-@torch.library.custom_op("hf_llama_mem::chunked_rule", mutates_args=())
+# The ops are named after this module, so that a saved model's copy of it (trust_remote_code) registers its own.
+OP_NAMESPACE = re.sub(r"\W", "_", __name__)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::chunked_rule", mutates_args=())
 def _chunked_rule_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
 ) -> list[torch.Tensor]:
@@ -356,7 +361,7 @@ def _chunked_rule_fake(q, k, v, g, beta, state):
     return [chunked["out"], state.new_empty(state.shape), *(chunked[name] for name in SAVED)]
 
 
-@torch.library.custom_op("hf_llama_mem::chunked_rule_backward", mutates_args=())
+@torch.library.custom_op(f"{OP_NAMESPACE}::chunked_rule_backward", mutates_args=())
 def _chunked_rule_backward_op(
     saved: list[torch.Tensor], out_grad: torch.Tensor, final_grad: torch.Tensor
 ) -> list[torch.Tensor]:

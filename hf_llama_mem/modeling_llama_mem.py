@@ -7,7 +7,8 @@ its derivation). The cache is a transformers `DynamicCache` (with or without a c
 keys and attention values as any sliding-window layer does, and a memory layer ("hybrid_sliding", a
 `LlamaMemCacheLayer`) also the window tokens' memory entries, S and the key-convolution state; generate() works
 unchanged, beam search and `batch_repeat_interleave` included. Every forward checks the cache's layers against the
-config (`prepare_cache`): a cache built for another configuration, or a StaticCache, is refused by name. A cache filled
+config (`prepare_cache`): a cache built for another configuration is refused by name, and a StaticCache gets the
+fixed-shape layers of a compiled decode step (fixed_cache.py). A cache filled
 by a model of the same configuration with other weights cannot be told apart that cheaply and is not refused (memory
 files carry a weight fingerprint: `load_memory` refuses those).
 """
@@ -352,7 +353,8 @@ def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -
 def tokens_read(cache: Cache | None) -> int | torch.Tensor:
     """The tokens the cache has read. Under torch.compile a fixed-shape cache's count stays a tensor (its 0-dim
     counter): as a Python int it would enter the step's graph as a value that changes every step, which recompiles,
-    or records a new CUDA graph, every step."""
+    or records a new CUDA graph, every step. In eager mode it is read back (on an accelerator, one sync a forward:
+    the fixed-shape cache is for compiled steps)."""
     if cache is None:
         return 0
     first = cache.layers[0] if cache.layers else None

@@ -76,8 +76,9 @@ class WindowView:
       input in pieces of PREFILL_SEGMENT tokens (`LlamaMemModel.forward`).
     - key_valid None and cached == 0 (an unpadded input from its start): the first W queries through a causal
       kernel (`windowed_attention`).
-    key_valid is None only where an all-ones mask is known without a device sync (`known_unpadded`: on a CPU); on an
-    accelerator any mask takes the padded paths, which compute the same.
+    key_valid is None only where an all-ones mask is known without a device sync (`known_unpadded`: on a CPU, not
+    under torch.compile); on an accelerator any mask takes the padded paths, which compute the same. A fixed-shape
+    cache's window always has key_valid (which of its W - 1 slots hold a real token).
     """
 
     window: int
@@ -402,7 +403,10 @@ class LlamaMemCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
 # The cache layer type of a memory layer in config.layer_types (a layer without memory is "sliding_attention").
 MEMORY_LAYER_TYPE = "hybrid_sliding"
 FOREIGN = "A cache built for another configuration: "
-FIX = " Build the cache with DynamicCache(config=model.config) (or DynamicCache()) for this model."
+FIX = (
+    " Build the cache with DynamicCache(config=model.config) (or DynamicCache()) for this model, or for a compiled "
+    "decode step StaticCache(config=model.config, max_cache_len=...)."
+)
 
 
 def layer_kind(layer) -> str:
