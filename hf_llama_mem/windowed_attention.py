@@ -291,7 +291,9 @@ def check_not_packed(position_ids, attention_mask, past: int, kwargs: dict) -> N
     the check runs on any device: one reduction read back by the host. That is the condition under which
     transformers' own masks look for packed sequences (`find_packed_sequence_indices`, which reads its answer back
     the same way in every such Llama forward), and what Trainer's padding-free batches are; with a mask or a cache
-    (inference, generate()) an accelerator's positions are not read back.
+    (inference, generate()) an accelerator's positions are not read back. Under torch.compile the check is an
+    assertion inside the graph (a RuntimeError with the same reason, where a host read would split the graph), and
+    with a mask it is not made.
     """
     given = sorted(name for name in PACKED_SEQUENCE_KWARGS if kwargs.get(name) is not None)
     if given:
@@ -306,6 +308,10 @@ def check_not_packed(position_ids, attention_mask, past: int, kwargs: dict) -> N
         real = attention_mask[:, -position_ids.shape[1] :].bool()
         restarts = (position_ids.diff(dim=-1) != 1) & real[:, 1:] & real[:, :-1]
     else:
+        return
+    if torch.compiler.is_compiling():
+        # Inside the graph: an assertion the compiled code checks, where reading the answer back would split it.
+        torch._assert_async(~restarts.any(), f"position_ids do not increase by one: {PACKED_SEQUENCES_UNSUPPORTED}")
         return
     if bool(restarts.any()):
         row, index = (int(i) for i in restarts.nonzero()[0])

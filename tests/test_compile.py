@@ -91,6 +91,18 @@ def test_a_training_step_traces_as_one_graph_and_equals_eager():
     assert graphs_compiled() == 1
 
 
+def test_a_packed_batch_is_still_refused_inside_the_graph():
+    """position_ids restarting inside a row (a padding-free packed batch): under compile the refusal is an assertion
+    in the graph (no graph break under fullgraph), and a batch that is not packed passes it."""
+    model = tiny_model().train()
+    ids = torch.randint(1, 256, (2, 40))
+    compiled = torch.compile(model, backend=TRACED, fullgraph=True)
+    compiled(ids, position_ids=torch.arange(40)[None], labels=ids)
+    packed = torch.cat([torch.arange(20), torch.arange(20)])[None]
+    with pytest.raises(RuntimeError, match="position_ids do not increase by one: packed sequences"):
+        compiled(ids, position_ids=packed, labels=ids)
+
+
 def decode_logits(model, ids, cache, prompt_length):
     """Prefill logits of the first `prompt_length` tokens, then one decode step per remaining token."""
     with torch.no_grad():
