@@ -463,10 +463,11 @@ def prepare_cache(cache: Cache | None, config) -> Cache | None:
     if len(layers) != len(layer_types):
         raise ValueError(f"{FOREIGN}the cache has {len(layers)} layers, but this model has {len(layer_types)}.{FIX}")
     fixed = isinstance(cache, StaticCache)
+    classes, stock = LAYER_CLASSES[fixed], STOCK_LAYERS[fixed]
     for index, (layer, kind) in enumerate(zip(layers, layer_types, strict=True)):
         memory = kind == MEMORY_LAYER_TYPE
-        expected = LAYER_CLASSES[fixed, memory]
-        if type(layer) in STOCK_LAYERS[fixed, memory] and not _used(layer):
+        expected = classes[memory]
+        if type(layer) is not expected and type(layer) in stock[memory] and not _used(layer):
             # A dynamic layer keeps the window it was built for (checked below); a static one keeps
             # min(window, max_cache_len) slots, which does not say its window: it gets this model's.
             layer = layers[index] = expected(sliding_window=getattr(layer, "sliding_window", window))
@@ -490,20 +491,16 @@ def fixed_slots(cache: Cache | None) -> torch.Tensor | None:
     return layer.valid if isinstance(layer, FixedWindowLayer) and layer.is_initialized else None
 
 
-# The layer class of each (fixed-shape cache, memory layer), and the stock transformers layers it replaces while they
-# are unused: what DynamicCache(config=...) and StaticCache(config=...) build for "hybrid_sliding" and
-# "sliding_attention". A DynamicCache's unused DynamicSlidingWindowLayer is already the class.
+# By fixed-shape cache (a StaticCache) or not, the layer class of a layer (without, with memory), and the stock
+# transformers layers it replaces while they are unused: what DynamicCache(config=...) and StaticCache(config=...)
+# build for "sliding_attention" and "hybrid_sliding" (a DynamicCache's DynamicSlidingWindowLayer is already the class).
 LAYER_CLASSES = {
-    (False, True): LlamaMemCacheLayer,
-    (False, False): DynamicSlidingWindowLayer,
-    (True, True): LlamaMemFixedLayer,
-    (True, False): FixedWindowLayer,
+    False: (DynamicSlidingWindowLayer, LlamaMemCacheLayer),
+    True: (FixedWindowLayer, LlamaMemFixedLayer),
 }
 STOCK_LAYERS = {
-    (False, True): (LinearAttentionAndSlidingWindowAttentionLayer,),
-    (False, False): (),
-    (True, True): (LinearAttentionAndStaticSlidingWindowAttentionLayer,),
-    (True, False): (StaticSlidingWindowLayer,),
+    False: ((), (LinearAttentionAndSlidingWindowAttentionLayer,)),
+    True: ((StaticSlidingWindowLayer,), (LinearAttentionAndStaticSlidingWindowAttentionLayer,)),
 }
 
 
