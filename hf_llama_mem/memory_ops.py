@@ -20,7 +20,9 @@ back through the transposed state maps (the only sequential part), and then ever
 product per term, with the triangular solve's gradient one more solve with the transposed system. It keeps the
 inputs, the chunk-start states, the per-chunk terms and the scores, less than autograd keeps for the same forward
 (over the whole memory branch of the benchmark model, an 8K training step keeps 1.0 GB instead of 1.5 GB), and it
-needs fewer full-size temporaries: on long inputs that memory traffic costs more than the arithmetic.
+needs fewer full-size temporaries: on long inputs that memory traffic costs more than the arithmetic. Under
+torch.compile the same forward and backward run as two opaque custom ops (`_chunked_rule_op`), which the compiler
+calls as they are instead of unrolling them.
 
 Shape legend: B batch, T time, H key/value (memory) heads, HQ query heads (a multiple of H: a group of query heads
 reads the same memory), K key dim, V value dim. Layouts follow flash-linear-attention and transformers:
@@ -375,10 +377,8 @@ def _chunked_rule_backward_op(
 @_chunked_rule_backward_op.register_fake
 def _chunked_rule_backward_fake(saved, out_grad, final_grad):
     q, k, v, beta = saved[:4]
-    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), beta.new_empty(beta.shape)] + [
-        beta.new_empty(beta.shape),
-        final_grad.new_empty(final_grad.shape),
-    ]
+    # The gradients of q, k, v, g (shaped as beta), beta and the start state (shaped as the final state).
+    return [tensor.new_empty(tensor.shape) for tensor in (q, k, v, beta, beta, final_grad)]
 
 
 def _chunked_rule_setup_context(ctx, inputs, output):
