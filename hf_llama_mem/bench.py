@@ -7,8 +7,13 @@ against a matmul peak measured on the same machine. Writes JSON and a markdown t
 
 LlamaMem computes its training loss without full-size log-probabilities (causal_lm_loss.py), which is faster on its
 own; so training is also measured against a Llama given that same loss, the ratio the architecture alone earns.
+
+With `compile`, training and decode are measured a second time with both models under torch.compile (inductor), like
+with like: each decode on a StaticCache, transformers' cache for a compiled decode step (LlamaMem's holds W - 1 slots
+whatever the length, Llama's every token). The first step of each shape compiles, untimed.
 """
 
+import contextlib
 import ctypes
 import json
 import os
@@ -18,7 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from .causal_lm_loss import causal_lm_loss
 from .configuration_llama_mem import LlamaMemConfig
@@ -56,6 +61,13 @@ QUICK = dict(
         vocab_size=32000,
     ),
 )
+
+
+# Decode steps timed per (model, cache), after one warm-up step.
+DECODE_STEPS = 24
+# Compiled graphs per function under `compile`: one per training length and per Llama decode length (its cache grows
+# with the context), for two Llamas, is more than torch's default limit of 8 allows before it stops compiling.
+RECOMPILE_LIMIT = 32
 
 
 # SmolLM2-135M-Instruct's shape (`--model smollm2`): the real model of the README's long-context results.
@@ -190,8 +202,23 @@ class PeakMemory:
         self.peak_extra = max(self.peak_extra, self.resident() - self.start)
 
 
+def compiled(model):
+    """The model under torch.compile for the `compile` rows: static shapes, one graph per input shape (as a
+    deployment compiles for its shapes; a dynamic-shape graph would be slower), inductor's default mode."""
+    return torch.compile(model, dynamic=False)
+
+
 @torch.no_grad()
-def decode_ms(runs: dict, steps=24) -> dict:
+def static_cache_after_prefill(model, length: int) -> StaticCache:
+    """A StaticCache that has read `length` random tokens (an eager prefill), with room for the decode steps."""
+    cache = StaticCache(config=model.config, max_cache_len=length + DECODE_STEPS + 1)
+    ids = torch.randint(0, model.config.vocab_size, (1, length))
+    model(ids, use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache})
+    return cache
+
+
+@torch.no_grad()
+def decode_ms(runs: dict, steps=DECODE_STEPS) -> dict:
     """Milliseconds per generated token of each (model, cache) in `runs`: the median of `steps` single-token steps
     (a median, because one stall of a shared machine would otherwise move a mean of a few steps). The entries take
     turns step by step, so that a slow spell hits all of them rather than one."""
@@ -242,15 +269,24 @@ def matmul_peak_flops(size=2048, repeats=5):
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def run_benchmark(settings: dict, report: Callable[[str], None] = lambda line: None) -> dict:
-    """Measure everything in `settings` (FULL or QUICK); `report` receives each markdown table line as it comes."""
+def run_benchmark(settings: dict, report: Callable[[str], None] = lambda line: None, compile: bool = False) -> dict:
+    """Measure everything in `settings` (FULL or QUICK); `report` receives each markdown table line as it comes.
+    `compile`: training and decode again with both models compiled (module docstring)."""
+    limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if compile else contextlib.nullcontext()
+    with limit:
+        return measure(settings, report, compile)
+
+
+def measure(settings: dict, report: Callable[[str], None], compile: bool) -> dict:
     models = build(settings)
+    compiled_models = {name: compiled(model) for name, model in models.items()} if compile else {}
     results = {
         "settings": settings,
         # glibc malloc tunables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) change how often freed memory is
         # faulted in again, which on some machines costs a third of a long training step: recorded with the figures.
         "malloc_environment": {name: value for name, value in os.environ.items() if name.startswith("MALLOC_")},
         "matmul_peak_gflops": matmul_peak_flops() / 1e9,
+        "compiled": compile,
         "rows": [],
     }
 
@@ -271,6 +307,16 @@ def run_benchmark(settings: dict, report: Callable[[str], None] = lambda line: N
             {"llama_mem": rates["llama_mem"], "llama": rates["llama_same_loss"]},
             True,
         )
+        if compile:
+            rates = train_tokens_per_s(
+                {name: compiled(model) for name, model in contenders.items()}, length, settings["train_repeats"]
+            )
+            add(f"train tokens/s @ {length}, compiled", {name: rates[name] for name in models}, True)
+            add(
+                f"train tokens/s @ {length}, compiled, Llama with LlamaMem's loss",
+                {"llama_mem": rates["llama_mem"], "llama": rates["llama_same_loss"]},
+                True,
+            )
     del contenders
     shortest, longest = min(settings["decode"]), max(settings["decode"])
     own_caches = {}  # LlamaMem's caches at the shortest and longest decode context, for its own decode ratio
@@ -287,6 +333,11 @@ def run_benchmark(settings: dict, report: Callable[[str], None] = lambda line: N
             add(f"prefill peak extra memory MB @ {length}", {n: b / 2**20 for n, b in peaks.items()}, False)
         if length in settings["decode"]:
             add(f"decode ms/token @ {length}", decode, False)
+            if compile:
+                static = {name: static_cache_after_prefill(model, length) for name, model in models.items()}
+                runs = {name: (compiled_models[name], static[name]) for name in models}
+                add(f"decode ms/token @ {length}, compiled", decode_ms(runs), False)
+                del static, runs
         add(f"cache MB @ {length}", {n: b / 2**20 for n, b in sizes.items()}, False)
     # Measured again with the two contexts taking turns: a slow spell during one length's rows would otherwise
     # decide this ratio.

@@ -37,7 +37,8 @@ def causal_lm_loss(
     targets = shift_labels.reshape(-1).to(logits.device)
     counted = targets != ignore_index
     out_of_range = counted & ((targets < 0) | (targets >= vocab_size))
-    if out_of_range.any():
+    # Not under torch.compile: a branch on a tensor's value would split the graph (and host-sync every step).
+    if not torch.compiler.is_compiling() and out_of_range.any():
         bad = targets[out_of_range][0].item()
         raise ValueError(f"label {bad} is outside the vocabulary [0, {vocab_size}) and is not ignore_index.")
     total = _SummedCrossEntropy.apply(logits, targets.masked_fill(~counted, 0), counted)

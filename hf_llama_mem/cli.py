@@ -372,6 +372,12 @@ def add_bench_command(commands) -> None:
         "speed does not depend on them); default: the benchmark's own dims",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time training and decode with both models under torch.compile (inductor, each decode on a "
+        "StaticCache); the first step of each shape compiles, untimed",
+    )
+    p.add_argument(
         "--json",
         type=writable_file,
         default="bench_vs_llama.json",
@@ -389,7 +395,7 @@ def bench(args: argparse.Namespace) -> None:
         lines.append(line)
         print(line, flush=True)
 
-    results = run_benchmark(with_model_shape(QUICK if args.quick else FULL, args.model), report)
+    results = run_benchmark(with_model_shape(QUICK if args.quick else FULL, args.model), report, args.compile)
     write_results(results, args.json, lines)
     print(f"results: {args.json} and {os.path.splitext(args.json)[0]}.md")
 

@@ -20,7 +20,9 @@ back through the transposed state maps (the only sequential part), and then ever
 product per term, with the triangular solve's gradient one more solve with the transposed system. It keeps the
 inputs, the chunk-start states, the per-chunk terms and the scores, less than autograd keeps for the same forward
 (over the whole memory branch of the benchmark model, an 8K training step keeps 1.0 GB instead of 1.5 GB), and it
-needs fewer full-size temporaries: on long inputs that memory traffic costs more than the arithmetic.
+needs fewer full-size temporaries: on long inputs that memory traffic costs more than the arithmetic. Under
+torch.compile the same forward and backward run as two opaque custom ops (`_chunked_rule_op`), which the compiler
+calls as they are instead of unrolling them.
 
 Shape legend: B batch, T time, H key/value (memory) heads, HQ query heads (a multiple of H: a group of query heads
 reads the same memory), K key dim, V value dim. Layouts follow flash-linear-attention and transformers:
@@ -28,6 +30,7 @@ q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V], g and beta [B, T, H], state [B,
 """
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +151,7 @@ def chunk_gated_delta_rule(
     # Queries as rows (group, position) of each chunk: [B, H, N, G * C, K].
     q = to_chunks(q.unflatten(2, (num_heads, num_groups))).movedim(4, 3).flatten(3, 4)
     q = q * scale if scale != 1.0 else q.contiguous()
-    out, final_state = _ChunkedRule.apply(q, k, v, g, beta, _initial_state(initial_state, k, v))
+    out, final_state = _chunked_rule(q, k, v, g, beta, _initial_state(initial_state, k, v))
     # [B, H, N, G, C, V] -> [B, N, C, H, G, V] -> [B, T, HQ, V]
     out = out.unflatten(3, (num_groups, chunk_size)).permute(0, 2, 4, 1, 3, 5)
     out = out.reshape(batch, -1, num_q_heads, v.shape[-1])
@@ -226,81 +229,181 @@ def _linear_scan(transitions, inputs, state, reverse=False):
     return starts, x.view_as(state)
 
 
-class _ChunkedRule(torch.autograd.Function):
-    """The chunked rule on chunk-major inputs, with a hand-written backward.
+def _chunked_forward(q, k, v, g, beta, state):
+    """The chunked rule on chunk-major inputs: q [B, H, N, G * C, K] (scaled; rows are (group, position)),
+    k [B, H, N, C, K], v [B, H, N, C, V], g and beta [B, H, N, C], state [B, H, K, V]. Returns the outputs
+    [B, H, N, G * C, V], the final state, and what the backward needs beside q, k, v and beta (SAVED)."""
+    terms = _ChunkTerms(k, v, g, beta)
+    inputs = terms.k_to_end.transpose(-1, -2) @ terms.values_part  # K'^T U
+    starts, final_state = _linear_scan(terms.transitions, inputs, state)
+    # o = exp(d) S^T q + scores (U - W S) per chunk, S its start state (module docstring)
+    corrections = terms.values_part - terms.keys_part @ starts
+    out = (q @ starts).mul_(terms.row_decay(q.shape[-2] // k.shape[-2]))
+    scores = terms.scores(q, k)
+    out.view(-1, *out.shape[-2:]).baddbmm_(scores.flatten(0, 2), corrections.flatten(0, 2))
+    return out, final_state, (starts, corrections, scores, *terms.kept())
 
-    q [B, H, N, G * C, K] (scaled; rows are (group, position)), k [B, H, N, C, K], v [B, H, N, C, V], g and beta
-    [B, H, N, C], state [B, H, K, V]. Returns the outputs [B, H, N, G * C, V] and the final state.
-    """
+
+# What `_chunked_forward` returns for the backward, after the inputs it also needs (q, k, v, beta).
+SAVED = ("starts", "corrections", "scores", *_ChunkTerms.KEPT)
+
+
+def _chunked_backward(q, k, v, beta, starts, corrections, scores, *kept, out_grad, final_grad):
+    """The gradients of `_chunked_forward` for q, k, v, g, beta and the start state."""
+    out_grad = out_grad.contiguous()
+    num_groups = q.shape[-2] // k.shape[-2]
+    terms = _ChunkTerms.restore(kept)
+    row_decay = terms.row_decay(num_groups)
+    decayed_q = q * row_decay
+
+    # The gradient of each chunk's end state comes back through the transposed state map: the gradient of its
+    # start state is M^T (end gradient) + (exp(d) q - scores W)^T (output gradient).
+    scores_t_out_grad = scores.transpose(-1, -2) @ out_grad  # [C, V]
+    residuals = decayed_q.transpose(-1, -2) @ out_grad - terms.keys_part.transpose(-1, -2) @ scores_t_out_grad
+    end_grads, state_grad = _linear_scan(terms.transitions.transpose(-1, -2), residuals, final_grad, reverse=True)
+    corrections_grad = terms.k_to_end @ end_grads + scores_t_out_grad
+
+    # o = exp(d) S^T q + scores corrections
+    out_state_grad = out_grad @ starts.transpose(-1, -2)  # [G * C, K]
+    q_grad = out_state_grad * row_decay
+    log_decay_grad = (out_state_grad * decayed_q).sum(-1).unflatten(-1, (num_groups, -1)).sum(-2)
+    scores_grad = out_grad @ corrections.transpose(-1, -2)  # [G * C, C]
+    # pair_grad collects (gradient of exp(d_i - d_j)) * exp(d_i - d_j), the part that reaches d_i and -d_j
+    pair_grad = (scores_grad * scores).unflatten(3, (num_groups, -1)).sum(3)
+    scores_grad.unflatten(3, (num_groups, -1)).mul_(terms.pair_decay[:, :, :, None])  # now of q_i . k_j
+    q_grad += scores_grad @ k
+    k_grad = scores_grad.transpose(-1, -2) @ q
+
+    # S_{n+1} = exp(d_C) S_n + K'^T corrections, K' = exp(d_C - d) k
+    k_to_end_grad = corrections @ end_grads.transpose(-1, -2)  # [C, K]
+    to_end_grad = (k_to_end_grad * terms.k_to_end).sum(-1)
+    chunk_end_grad = (starts * end_grads).sum((-2, -1)) * terms.decay[..., -1] + to_end_grad.sum(-1)
+    log_decay_grad -= to_end_grad
+    k_grad += k_to_end_grad * terms.to_end[..., None]
+
+    # corrections = U - W S, and (I + A) [U | W] = [beta v | exp(d) beta k]
+    solved_grad = torch.cat([corrections_grad, -(corrections_grad @ starts.transpose(-1, -2))], dim=-1)
+    rhs_grad = torch.linalg.solve_triangular(
+        terms.system.transpose(-1, -2), solved_grad, upper=True, unitriangular=True
+    )
+    system_grad = (rhs_grad @ terms.solved.transpose(-1, -2)).tril_(-1).neg_()  # of A (strictly lower)
+    v_rhs_grad, k_rhs_grad = rhs_grad.split([v.shape[-1], k.shape[-1]], dim=-1)
+    v_grad = v_rhs_grad * beta[..., None]
+    beta_grad = (v_rhs_grad * v).sum(-1)
+    k_beta_grad = k_rhs_grad * terms.decay[..., None]
+    log_decay_grad += (k_beta_grad * terms.k_beta).sum(-1)
+    # A = (beta k k^T) exp(d_i - d_j), strictly lower
+    key_products_grad = system_grad * terms.pair_decay
+    pair_grad += key_products_grad * terms.key_products
+    k_beta_grad += key_products_grad @ k
+    k_grad += key_products_grad.transpose(-1, -2) @ terms.k_beta
+    k_grad += k_beta_grad * beta[..., None]
+    beta_grad += (k_beta_grad * k).sum(-1)
+
+    log_decay_grad += pair_grad.sum(-1) - pair_grad.sum(-2)
+    log_decay_grad[..., -1] += chunk_end_grad
+    g_grad = log_decay_grad.flip(-1).cumsum(-1).flip(-1)  # d = cumsum(g) within the chunk
+    return q_grad, k_grad, v_grad, g_grad, beta_grad, state_grad
+
+
+class _ChunkedRule(torch.autograd.Function):
+    """`_chunked_forward` with its hand-written backward, for eager mode (`_chunked_rule_op` is its compiled twin)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, state):
-        terms = _ChunkTerms(k, v, g, beta)
-        inputs = terms.k_to_end.transpose(-1, -2) @ terms.values_part  # K'^T U
-        starts, final_state = _linear_scan(terms.transitions, inputs, state)
-        # o = exp(d) S^T q + scores (U - W S) per chunk, S its start state (module docstring)
-        corrections = terms.values_part - terms.keys_part @ starts
-        out = (q @ starts).mul_(terms.row_decay(q.shape[-2] // k.shape[-2]))
-        scores = terms.scores(q, k)
-        out.view(-1, *out.shape[-2:]).baddbmm_(scores.flatten(0, 2), corrections.flatten(0, 2))
-        ctx.save_for_backward(q, k, v, beta, starts, corrections, scores, *terms.kept())
+        out, final_state, saved = _chunked_forward(q, k, v, g, beta, state)
+        ctx.save_for_backward(q, k, v, beta, *saved)
         return out, final_state
 
     @staticmethod
     @once_differentiable
     def backward(ctx, out_grad, final_grad):
-        q, k, v, beta, starts, corrections, scores, *kept = ctx.saved_tensors
-        out_grad = out_grad.contiguous()
-        num_groups = q.shape[-2] // k.shape[-2]
-        terms = _ChunkTerms.restore(kept)
-        row_decay = terms.row_decay(num_groups)
-        decayed_q = q * row_decay
+        return _chunked_backward(*ctx.saved_tensors, out_grad=out_grad, final_grad=final_grad)
 
-        # The gradient of each chunk's end state comes back through the transposed state map: the gradient of its
-        # start state is M^T (end gradient) + (exp(d) q - scores W)^T (output gradient).
-        scores_t_out_grad = scores.transpose(-1, -2) @ out_grad  # [C, V]
-        residuals = decayed_q.transpose(-1, -2) @ out_grad - terms.keys_part.transpose(-1, -2) @ scores_t_out_grad
-        end_grads, state_grad = _linear_scan(terms.transitions.transpose(-1, -2), residuals, final_grad, reverse=True)
-        corrections_grad = terms.k_to_end @ end_grads + scores_t_out_grad
 
-        # o = exp(d) S^T q + scores corrections
-        out_state_grad = out_grad @ starts.transpose(-1, -2)  # [G * C, K]
-        q_grad = out_state_grad * row_decay
-        log_decay_grad = (out_state_grad * decayed_q).sum(-1).unflatten(-1, (num_groups, -1)).sum(-2)
-        scores_grad = out_grad @ corrections.transpose(-1, -2)  # [G * C, C]
-        # pair_grad collects (gradient of exp(d_i - d_j)) * exp(d_i - d_j), the part that reaches d_i and -d_j
-        pair_grad = (scores_grad * scores).unflatten(3, (num_groups, -1)).sum(3)
-        scores_grad.unflatten(3, (num_groups, -1)).mul_(terms.pair_decay[:, :, :, None])  # now of q_i . k_j
-        q_grad += scores_grad @ k
-        k_grad = scores_grad.transpose(-1, -2) @ q
+# Under torch.compile the rule is one opaque op with its backward another: traced, the scan over chunks and the
+# chunk-major views of every term are unrolled into generated code, which inductor's CPU code generation spends
+# minutes simplifying (its index expressions), for kernels (batched matmuls, a triangular solve) it runs as eager does.
+# The ops are named after this module, so that a saved model's copy of it (trust_remote_code) registers its own.
+OP_NAMESPACE = re.sub(r"\W", "_", __name__)
 
-        # S_{n+1} = exp(d_C) S_n + K'^T corrections, K' = exp(d_C - d) k
-        k_to_end_grad = corrections @ end_grads.transpose(-1, -2)  # [C, K]
-        to_end_grad = (k_to_end_grad * terms.k_to_end).sum(-1)
-        chunk_end_grad = (starts * end_grads).sum((-2, -1)) * terms.decay[..., -1] + to_end_grad.sum(-1)
-        log_decay_grad -= to_end_grad
-        k_grad += k_to_end_grad * terms.to_end[..., None]
 
-        # corrections = U - W S, and (I + A) [U | W] = [beta v | exp(d) beta k]
-        solved_grad = torch.cat([corrections_grad, -(corrections_grad @ starts.transpose(-1, -2))], dim=-1)
-        rhs_grad = torch.linalg.solve_triangular(
-            terms.system.transpose(-1, -2), solved_grad, upper=True, unitriangular=True
-        )
-        system_grad = (rhs_grad @ terms.solved.transpose(-1, -2)).tril_(-1).neg_()  # of A (strictly lower)
-        v_rhs_grad, k_rhs_grad = rhs_grad.split([v.shape[-1], k.shape[-1]], dim=-1)
-        v_grad = v_rhs_grad * beta[..., None]
-        beta_grad = (v_rhs_grad * v).sum(-1)
-        k_beta_grad = k_rhs_grad * terms.decay[..., None]
-        log_decay_grad += (k_beta_grad * terms.k_beta).sum(-1)
-        # A = (beta k k^T) exp(d_i - d_j), strictly lower
-        key_products_grad = system_grad * terms.pair_decay
-        pair_grad += key_products_grad * terms.key_products
-        k_beta_grad += key_products_grad @ k
-        k_grad += key_products_grad.transpose(-1, -2) @ terms.k_beta
-        k_grad += k_beta_grad * beta[..., None]
-        beta_grad += (k_beta_grad * k).sum(-1)
+@torch.library.custom_op(f"{OP_NAMESPACE}::chunked_rule", mutates_args=())
+def _chunked_rule_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
+) -> list[torch.Tensor]:
+    """`_chunked_forward`: [out, final state, *SAVED], each a new contiguous tensor (an op's outputs may not alias
+    its inputs, and the compiler assumes the layout `_chunked_rule_fake` gives)."""
+    out, final_state, saved = _chunked_forward(q, k, v, g, beta, state)
+    if not k.shape[2]:  # no chunk: the final state is the start state itself
+        final_state = final_state.clone()
+    return [tensor.contiguous() for tensor in (out, final_state, *saved)]
 
-        log_decay_grad += pair_grad.sum(-1) - pair_grad.sum(-2)
-        log_decay_grad[..., -1] += chunk_end_grad
-        g_grad = log_decay_grad.flip(-1).cumsum(-1).flip(-1)  # d = cumsum(g) within the chunk
-        return q_grad, k_grad, v_grad, g_grad, beta_grad, state_grad
+
+@_chunked_rule_op.register_fake
+def _chunked_rule_fake(q, k, v, g, beta, state):
+    batch, heads, chunks, rows, key_dim = q.shape
+    size, value_dim = k.shape[-2], v.shape[-1]
+    per_chunk = {  # the trailing dims of each output, after [B, H, N]
+        "out": (rows, value_dim),
+        "starts": (key_dim, value_dim),
+        "corrections": (size, value_dim),
+        "scores": (rows, size),
+        "decay": (size,),
+        "pair_decay": (size, size),
+        "k_beta": (size, key_dim),
+        "key_products": (size, size),
+        "system": (size, size),
+        "solved": (size, value_dim + key_dim),
+        "to_end": (size,),
+        "k_to_end": (size, key_dim),
+        "transitions": (key_dim, key_dim),
+    }
+    chunked = {name: q.new_empty(batch, heads, chunks, *dims) for name, dims in per_chunk.items()}
+    return [chunked["out"], state.new_empty(state.shape), *(chunked[name] for name in SAVED)]
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::chunked_rule_backward", mutates_args=())
+def _chunked_rule_backward_op(
+    saved: list[torch.Tensor], out_grad: torch.Tensor, final_grad: torch.Tensor
+) -> list[torch.Tensor]:
+    """`_chunked_backward` on (q, k, v, beta, *SAVED): the gradients of q, k, v, g, beta and the start state."""
+    grads = list(_chunked_backward(*saved, out_grad=out_grad, final_grad=final_grad))
+    if not saved[1].shape[2]:  # no chunk: the start state's gradient is the final state's itself
+        grads[-1] = grads[-1].clone()
+    return [grad.contiguous() for grad in grads]
+
+
+@_chunked_rule_backward_op.register_fake
+def _chunked_rule_backward_fake(saved, out_grad, final_grad):
+    q, k, v, beta = saved[:4]
+    # The gradients of q, k, v, g (shaped as beta), beta and the start state (shaped as the final state).
+    return [tensor.new_empty(tensor.shape) for tensor in (q, k, v, beta, beta, final_grad)]
+
+
+def _chunked_rule_setup_context(ctx, inputs, output):
+    q, k, v, _, beta, _ = inputs
+    ctx.save_for_backward(q, k, v, beta, *output[2:])
+
+
+def _chunked_rule_backward_rule(ctx, grads):
+    q, k, v = ctx.saved_tensors[:3]
+    out_grad, final_grad = grads[:2]
+    # An output that nothing used has no gradient; the backward takes zeros for it, as autograd.Function's do.
+    if out_grad is None:
+        out_grad = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    if final_grad is None:
+        final_grad = q.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1])
+    return tuple(_chunked_rule_backward_op(list(ctx.saved_tensors), out_grad, final_grad))
+
+
+_chunked_rule_op.register_autograd(_chunked_rule_backward_rule, setup_context=_chunked_rule_setup_context)
+
+
+def _chunked_rule(q, k, v, g, beta, state) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs and final state of the chunked rule: the autograd.Function in eager mode (no op dispatch to pay
+    for), the opaque op under torch.compile."""
+    if torch.compiler.is_compiling():
+        out, final_state = _chunked_rule_op(q, k, v, g, beta, state)[:2]
+        return out, final_state
+    return _ChunkedRule.apply(q, k, v, g, beta, state)

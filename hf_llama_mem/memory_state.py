@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 
+from .fixed_cache import FixedWindowLayer
 from .modeling_llama_mem import CACHE_FIELD
 
 __all__ = ["TokenHistory", "generate_with_memory", "load_memory", "save_memory", "token_history"]
@@ -163,6 +164,11 @@ def save_memory(cache: DynamicCache, path: str | os.PathLike, model: PreTrainedM
 
     With `model`, the file also records a fingerprint of its weights, and `load_memory` refuses other weights.
     """
+    if any(isinstance(layer, FixedWindowLayer) for layer in cache.layers):
+        raise ValueError(
+            "save_memory saves a DynamicCache; this is a StaticCache (fixed-shape slots, some of them empty): run the "
+            "conversation with DynamicCache(config=model.config) to keep its memory."
+        )
     tensors = {}
     for index, layer in enumerate(cache.layers):
         if getattr(layer, "keys", None) is None:

@@ -7,7 +7,8 @@ its derivation). The cache is a transformers `DynamicCache` (with or without a c
 keys and attention values as any sliding-window layer does, and a memory layer ("hybrid_sliding", a
 `LlamaMemCacheLayer`) also the window tokens' memory entries, S and the key-convolution state; generate() works
 unchanged, beam search and `batch_repeat_interleave` included. Every forward checks the cache's layers against the
-config (`prepare_cache`): a cache built for another configuration, or a StaticCache, is refused by name. A cache filled
+config (`prepare_cache`): a cache built for another configuration is refused by name, and a StaticCache gets the
+fixed-shape layers of a compiled decode step (fixed_cache.py). A cache filled
 by a model of the same configuration with other weights cannot be told apart that cheaply and is not refused (memory
 files carry a weight fingerprint: `load_memory` refuses those).
 """
@@ -33,11 +34,13 @@ from transformers.utils import logging
 
 from .causal_lm_loss import causal_lm_loss
 from .configuration_llama_mem import LlamaMemConfig
+from .fixed_cache import FixedWindowLayer
 from .memory_layer import LlamaMemMemory, LowRankCorrection
 from .windowed_attention import (
     WindowView,
     check_not_packed,
     check_padding_is_exact,
+    fixed_slots,
     keep_owned_window,
     make_window_view,
     positions_from_mask,
@@ -108,7 +111,7 @@ class LlamaMemAttention(nn.Module):
         if layer_cache is not None:
             # The window keeps keys and attention values where transformers' code expects them, and a memory layer
             # its tokens' memory entries beside them (LlamaMemCacheLayer), until they leave.
-            rotated_key, attention_values = layer_cache.update(rotated_key, value)
+            rotated_key, attention_values = layer_cache.update(rotated_key, value, token_valid=view.token_valid)
             if memory_cache is not None:
                 memory_values = attention_values
                 memory_entries = memory_cache.update_memory_entries(memory_entries)
@@ -264,7 +267,7 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         cache = prepare_cache(cache, self.config)  # a foreign cache is refused, DynamicCache() completed
         check_cache_batch(cache, batch)
 
-        past = cache.get_seq_length() if cache is not None else 0
+        past = tokens_read(cache)
         check_attention_mask(attention_mask, batch, past, length)
         check_not_packed(position_ids, attention_mask, past, kwargs)
         output_hidden_states = (
@@ -281,7 +284,7 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
             pieces.append(
                 self.run_layers(
                     inputs_embeds[:, start:end],
-                    None if attention_mask is None else attention_mask[:, : past + end],
+                    None if attention_mask is None else attention_mask[:, : attention_mask.shape[1] - length + end],
                     None if position_ids is None else position_ids[:, start:end],
                     cache,
                     past + start,
@@ -308,7 +311,10 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         states, after each layer's input when output_hidden_states. `modes`: WindowView's decoding and
         differentiable."""
         length = inputs_embeds.shape[1]
-        view = make_window_view(self.config.sliding_window, past, attention_mask, inputs_embeds.device, **modes)
+        slots = fixed_slots(cache)
+        view = make_window_view(
+            self.config.sliding_window, past, attention_mask, inputs_embeds.device, slots=slots, length=length, **modes
+        )
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past, length, inputs_embeds.device)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
@@ -328,8 +334,9 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}.")
         # Ids on the CPU are checked for a clear error (a host reduction, no device to wait for); on an accelerator,
-        # as in transformers' Llama, they are not: reading the result back would stall every forward.
-        if input_ids.device.type == "cpu" and input_ids.numel():
+        # as in transformers' Llama, they are not: reading the result back would stall every forward. Nor under
+        # torch.compile, where a branch on a tensor's value splits the graph.
+        if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
             low, high = torch.aminmax(input_ids)
             if low < 0 or high >= self.config.vocab_size:
                 bad = (low if low < 0 else high).item()
@@ -345,6 +352,19 @@ def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -
     if cache is not None and not isinstance(cache, Cache):
         raise ValueError(f"The cache must be a transformers Cache (e.g. DynamicCache(config=...)), got {type(cache)}.")
     return cache
+
+
+def tokens_read(cache: Cache | None) -> int | torch.Tensor:
+    """The tokens the cache has read. Under torch.compile a fixed-shape cache's count stays a tensor (its 0-dim
+    counter): as a Python int it would enter the step's graph as a value that changes every step, which recompiles,
+    or records a new CUDA graph, every step. In eager mode it is read back (on an accelerator, one sync a forward:
+    the fixed-shape cache is for compiled steps)."""
+    if cache is None:
+        return 0
+    first = cache.layers[0] if cache.layers else None
+    if isinstance(first, FixedWindowLayer) and torch.compiler.is_compiling():
+        return first.seen if first.is_initialized else 0
+    return cache.get_seq_length()
 
 
 def check_cache_batch(cache: Cache | None, batch: int) -> None:
@@ -368,16 +388,21 @@ def check_no_attention_weights(output_attentions: bool | None, config: LlamaMemC
         )
 
 
-def check_attention_mask(attention_mask, batch: int, past: int, length: int) -> None:
+def check_attention_mask(attention_mask, batch: int, past: int | torch.Tensor, length: int) -> None:
     """attention_mask is [B, past + T] (1 = real token, 0 = padding) or None; padding between real tokens is refused
-    (`check_padding_is_exact`)."""
-    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape != (batch, past + length)):
+    (`check_padding_is_exact`). With `past` a tensor (a compiled step on a fixed-shape cache, `tokens_read`) the
+    width is not known without a host read: only the batch, and at least T columns, are checked."""
+    if attention_mask is None:
+        return
+    known = not torch.is_tensor(past)
+    expected = past + length if known else f"past + {length}"
+    width_ok = attention_mask.shape[-1] == expected if known else attention_mask.shape[-1] >= length
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or not width_ok:
         raise ValueError(
-            f"attention_mask must have shape [batch, past + length] = [{batch}, {past + length}] "
-            f"(past = {past} cached tokens), got {tuple(attention_mask.shape)}."
+            f"attention_mask must have shape [batch, past + length] = [{batch}, {expected}] "
+            f"(past = {past if known else 'the'} cached tokens), got {tuple(attention_mask.shape)}."
         )
-    if attention_mask is not None:
-        check_padding_is_exact(attention_mask)
+    check_padding_is_exact(attention_mask)
 
 
 class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
@@ -434,6 +459,17 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
             if isinstance(criterion, MaxLengthCriteria):
                 criterion.max_position_embeddings = None  # no "exceeded the model's predefined maximum length"
         return criteria
+
+    def create_masks_for_generate(self, attention_mask=None, inputs_embeds=None, **kwargs):
+        """generate() calls this with a compileable cache (a StaticCache) to turn the 2D mask into the 4D masks of
+        transformers' attention; LlamaMem reads the 2D mask itself, so it is passed on as it is. A decode step on a
+        fixed-shape cache gets none: the cache keeps which of its window's tokens are padding, generate() passes the
+        positions and its new tokens are real, and a mask that grows by a column every step would make the compiled
+        step's input shape change every step."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if inputs_embeds.shape[1] == 1 and fixed_slots(cache) is not None:
+            return None
+        return attention_mask
 
     @classmethod
     def from_llama(cls, source, **config_overrides) -> "LlamaMemForCausalLM":

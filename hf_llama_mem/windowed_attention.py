@@ -3,7 +3,8 @@
 `WindowView` is the per-call bookkeeping every layer shares (how many tokens the cache window holds, which keys are
 padding, the masks built so far); `windowed_attention` runs any transformers attention interface over the window;
 `keep_owned_window` trims a cache layer to the W - 1 tokens the next call needs, in tensors the cache owns;
-`LlamaMemCacheLayer` is a memory layer's cache; `prepare_cache` checks (and completes) the cache a forward is given.
+`LlamaMemCacheLayer` is a memory layer's cache; `prepare_cache` checks (and completes) the cache a forward is given,
+and gives a StaticCache the fixed-shape layers of fixed_cache.py.
 """
 
 from collections.abc import Callable
@@ -17,17 +18,21 @@ from transformers.cache_utils import (
     DynamicLayer,
     DynamicSlidingWindowLayer,
     LinearAttentionAndSlidingWindowAttentionLayer,
+    LinearAttentionAndStaticSlidingWindowAttentionLayer,
     StaticCache,
-    StaticLayer,
+    StaticSlidingWindowLayer,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import repeat_kv
+
+from .fixed_cache import FixedWindowLayer, LlamaMemFixedLayer
 
 __all__ = [
     "LlamaMemCacheLayer",
     "WindowView",
     "check_not_packed",
     "check_padding_is_exact",
+    "fixed_slots",
     "keep_owned_window",
     "known_unpadded",
     "make_window_view",
@@ -71,8 +76,9 @@ class WindowView:
       input in pieces of PREFILL_SEGMENT tokens (`LlamaMemModel.forward`).
     - key_valid None and cached == 0 (an unpadded input from its start): the first W queries through a causal
       kernel (`windowed_attention`).
-    key_valid is None only where an all-ones mask is known without a device sync (`known_unpadded`: on a CPU); on an
-    accelerator any mask takes the padded paths, which compute the same.
+    key_valid is None only where an all-ones mask is known without a device sync (`known_unpadded`: on a CPU, not
+    under torch.compile); on an accelerator any mask takes the padded paths, which compute the same. A fixed-shape
+    cache's window always has key_valid (which of its W - 1 slots hold a real token).
     """
 
     window: int
@@ -196,8 +202,9 @@ def banded_attention(
 def known_unpadded(mask: torch.Tensor) -> bool:
     """Whether a 0/1 mask is all ones, where that is free to know: on a CPU it is a host reduction, and an all-ones
     mask (what generate() passes) then takes the unpadded fast paths. On an accelerator the answer would stall the
-    host until the device catches up, every forward, so there the mask is used as given (the same result)."""
-    return mask.device.type == "cpu" and bool(mask.all())
+    host until the device catches up, every forward, so there the mask is used as given (the same result); so it is
+    under torch.compile, where a branch on a tensor's value would split the graph."""
+    return mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all())
 
 
 def check_padding_is_exact(mask: torch.Tensor) -> None:
@@ -211,7 +218,7 @@ def check_padding_is_exact(mask: torch.Tensor) -> None:
     (a CPU mask with padding, `known_unpadded`); on an accelerator the answer would stall the host every forward, so
     there the mask is used as given.
     """
-    if mask.device.type != "cpu" or known_unpadded(mask):
+    if mask.device.type != "cpu" or torch.compiler.is_compiling() or known_unpadded(mask):
         return
     real = mask.bool()
     # A row is exact when its real tokens are one run: at most one real token follows a pad or starts the row.
@@ -232,10 +239,19 @@ def check_padding_is_exact(mask: torch.Tensor) -> None:
 
 
 def make_window_view(
-    window: int, past: int, attention_mask, device, *, decoding: bool, differentiable: bool
+    window: int, past, attention_mask, device, *, slots=None, length: int, decoding: bool, differentiable: bool
 ) -> WindowView:
-    """Window bookkeeping for one call. attention_mask is [B, past + T] (1 = real token, 0 = padding) or None, already
-    checked by the forward that calls this."""
+    """Window bookkeeping for one call of T = `length` tokens. attention_mask is [B, past + T] (1 = real token,
+    0 = padding) or None, already checked by the forward that calls this. slots: a fixed-shape cache's `fixed_slots`
+    (then its W - 1 slots are the cached window whatever `past` is, and only the mask's last T columns are read)."""
+    if slots is not None:
+        token_valid = (
+            None if attention_mask is None else attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+        )
+        new = slots.new_ones(slots.shape[0], length) if token_valid is None else token_valid
+        return WindowView(
+            window, slots.shape[1], torch.cat([slots, new], dim=1), token_valid, decoding, differentiable
+        )
     cached = min(past, window - 1)
     key_valid = None if attention_mask is None else attention_mask[:, past - cached :]
     if key_valid is None or known_unpadded(key_valid):
@@ -249,6 +265,8 @@ def positions_from_mask(attention_mask, past: int, length: int, device) -> torch
 
     Reads the whole mask, not just the window: padding that has left the window still shifts the positions."""
     if attention_mask is None or known_unpadded(attention_mask):
+        if torch.is_tensor(past):  # a fixed-shape cache's token count, under torch.compile
+            return (past + torch.arange(length, device=device))[None]
         return torch.arange(past, past + length, device=device)[None]
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)[:, -length:].to(device)
@@ -273,20 +291,27 @@ def check_not_packed(position_ids, attention_mask, past: int, kwargs: dict) -> N
     the check runs on any device: one reduction read back by the host. That is the condition under which
     transformers' own masks look for packed sequences (`find_packed_sequence_indices`, which reads its answer back
     the same way in every such Llama forward), and what Trainer's padding-free batches are; with a mask or a cache
-    (inference, generate()) an accelerator's positions are not read back.
+    (inference, generate()) an accelerator's positions are not read back. Under torch.compile the check is an
+    assertion inside the graph (a RuntimeError with the same reason, where a host read would split the graph), and
+    with a mask it is not made.
     """
     given = sorted(name for name in PACKED_SEQUENCE_KWARGS if kwargs.get(name) is not None)
     if given:
         raise ValueError(f"{PACKED_SEQUENCES_UNSUPPORTED} Got {', '.join(given)}.")
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] < 2:
         return
-    on_cpu = position_ids.device.type == "cpu"
-    if attention_mask is None and (past == 0 or on_cpu):
+    on_cpu = position_ids.device.type == "cpu" and not torch.compiler.is_compiling()  # compiled: as on a device
+    fresh = not torch.is_tensor(past) and past == 0  # a tensor: a compiled fixed-shape step, never fresh
+    if attention_mask is None and (fresh or on_cpu):
         restarts = position_ids.diff(dim=-1) != 1
     elif attention_mask is not None and on_cpu and attention_mask.device.type == "cpu":
         real = attention_mask[:, -position_ids.shape[1] :].bool()
         restarts = (position_ids.diff(dim=-1) != 1) & real[:, 1:] & real[:, :-1]
     else:
+        return
+    if torch.compiler.is_compiling():
+        # Inside the graph: an assertion the compiled code checks, where reading the answer back would split it.
+        torch._assert_async(~restarts.any(), f"position_ids do not increase by one: {PACKED_SEQUENCES_UNSUPPORTED}")
         return
     if bool(restarts.any()):
         row, index = (int(i) for i in restarts.nonzero()[0])
@@ -303,13 +328,16 @@ def keep_owned_window(layer, window: int) -> None:
     The stock sliding-window layer keeps a view of everything passed to `update`, so after a long prefill the whole
     prefill stays pinned in memory; a copy of what is kept makes the cache size independent of the context length.
     """
+    if isinstance(layer, FixedWindowLayer):  # it keeps its window in place as it updates
+        return
     keep = window - 1
     for name in WINDOW_TENSORS:
         kept = getattr(layer, name, None)
         if kept is None:  # a layer without memory has no memory entries
             continue
         kept = kept[:, :, max(0, kept.shape[2] - keep) :]
-        if kept.untyped_storage().nbytes() > MAX_WINDOW_STORAGE_RATIO * kept.nbytes:
+        # A storage's size cannot be traced: under torch.compile the window is always copied (W - 1 tokens).
+        if torch.compiler.is_compiling() or kept.untyped_storage().nbytes() > MAX_WINDOW_STORAGE_RATIO * kept.nbytes:
             kept = kept.clone()
         setattr(layer, name, kept)
 
@@ -380,17 +408,19 @@ class LlamaMemCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
 
 # The cache layer type of a memory layer in config.layer_types (a layer without memory is "sliding_attention").
 MEMORY_LAYER_TYPE = "hybrid_sliding"
-STATIC_CACHE_REFUSED = (
-    "cache_implementation='static' (a StaticCache) is not supported, and not needed: LlamaMem's default cache is "
-    "already fixed-size (W - 1 window tokens and one memory matrix per layer, whatever the length). Drop "
-    "cache_implementation, or pass DynamicCache(config=model.config)."
-)
 FOREIGN = "A cache built for another configuration: "
-FIX = " Build the cache with DynamicCache(config=model.config) (or DynamicCache()) for this model."
+FIX = (
+    " Build the cache with DynamicCache(config=model.config) (or DynamicCache()) for this model, or for a compiled "
+    "decode step StaticCache(config=model.config, max_cache_len=...)."
+)
 
 
 def layer_kind(layer) -> str:
     """What a cache layer is, in the words of the errors below."""
+    if isinstance(layer, LlamaMemFixedLayer):
+        return "a fixed-shape layer with memory (of a StaticCache)"
+    if type(layer) is FixedWindowLayer:
+        return "a fixed-shape layer without memory (of a StaticCache)"
     if isinstance(layer, (LlamaMemCacheLayer, LinearAttentionAndSlidingWindowAttentionLayer)):
         return "a sliding-window layer with memory"
     if type(layer) is DynamicSlidingWindowLayer:
@@ -405,7 +435,9 @@ def prepare_cache(cache: Cache | None, config) -> Cache | None:
 
     - A `DynamicCache()` built without a config and not used yet gets the layers `DynamicCache(config=config)` builds.
     - Each stock "hybrid_sliding" layer not used yet becomes a `LlamaMemCacheLayer`.
-    - A StaticCache (generate's cache_implementation="static") is refused: this cache is already fixed-size.
+    - A StaticCache (generate's cache_implementation="static", transformers' way of asking for a compiled decode
+      step) gets fixed-shape layers in place of its stock ones not used yet (fixed_cache.py): `FixedWindowLayer` and
+      `LlamaMemFixedLayer`, W - 1 slots each whatever its max_cache_len.
     - A cache built for another configuration (another layer count, window, memory layers, or layer types, such as
       a full-attention Llama cache) is refused by name, with what differs.
 
@@ -416,8 +448,6 @@ def prepare_cache(cache: Cache | None, config) -> Cache | None:
     """
     if cache is None:
         return None
-    if isinstance(cache, StaticCache):
-        raise ValueError(STATIC_CACHE_REFUSED)
     # Read once: a config's attribute lookups cost microseconds each, and this runs every decode step.
     window, layer_types = config.sliding_window, config.layer_types  # layer_types: validated against memory_layers
     layers = cache.layers
@@ -432,13 +462,16 @@ def prepare_cache(cache: Cache | None, config) -> Cache | None:
         cache.layer_class_to_replicate = None
     if len(layers) != len(layer_types):
         raise ValueError(f"{FOREIGN}the cache has {len(layers)} layers, but this model has {len(layer_types)}.{FIX}")
+    fixed = isinstance(cache, StaticCache)
+    classes, stock = LAYER_CLASSES[fixed], STOCK_LAYERS[fixed]
     for index, (layer, kind) in enumerate(zip(layers, layer_types, strict=True)):
         memory = kind == MEMORY_LAYER_TYPE
-        if memory and type(layer) is LinearAttentionAndSlidingWindowAttentionLayer and not _used(layer):
-            layer = layers[index] = LlamaMemCacheLayer(sliding_window=layer.sliding_window)
-        if type(layer) is not (LlamaMemCacheLayer if memory else DynamicSlidingWindowLayer):
-            if isinstance(layer, StaticLayer):
-                raise ValueError(STATIC_CACHE_REFUSED)
+        expected = classes[memory]
+        if type(layer) is not expected and type(layer) in stock[memory] and not _used(layer):
+            # A dynamic layer keeps the window it was built for (checked below); a static one keeps
+            # min(window, max_cache_len) slots, which does not say its window: it gets this model's.
+            layer = layers[index] = expected(sliding_window=getattr(layer, "sliding_window", window))
+        if type(layer) is not expected:
             needs = "has a memory" if memory else "has no memory"
             raise ValueError(
                 f"{FOREIGN}cache layer {index} is {layer_kind(layer)}, but this model's layer {index} {needs}.{FIX}"
@@ -451,10 +484,30 @@ def prepare_cache(cache: Cache | None, config) -> Cache | None:
     return cache
 
 
-def _used(layer: LinearAttentionAndSlidingWindowAttentionLayer) -> bool:
-    """Whether a stock hybrid layer holds any state (then it was filled by something else, and is not replaced)."""
+def fixed_slots(cache: Cache | None) -> torch.Tensor | None:
+    """Which window slots of a fixed-shape cache hold a real token, [B, W - 1] (every layer's are the same: the first
+    layer's stand for all), or None for a dynamic cache, or a fixed one before its first call."""
+    layer = cache.layers[0] if cache is not None and cache.layers else None
+    return layer.valid if isinstance(layer, FixedWindowLayer) and layer.is_initialized else None
+
+
+# By fixed-shape cache (a StaticCache) or not, the layer class of a layer (without, with memory), and the stock
+# transformers layers it replaces while they are unused: what DynamicCache(config=...) and StaticCache(config=...)
+# build for "sliding_attention" and "hybrid_sliding" (a DynamicCache's DynamicSlidingWindowLayer is already the class).
+LAYER_CLASSES = {
+    False: (DynamicSlidingWindowLayer, LlamaMemCacheLayer),
+    True: (FixedWindowLayer, LlamaMemFixedLayer),
+}
+STOCK_LAYERS = {
+    False: ((), (LinearAttentionAndSlidingWindowAttentionLayer,)),
+    True: ((StaticSlidingWindowLayer,), (LinearAttentionAndStaticSlidingWindowAttentionLayer,)),
+}
+
+
+def _used(layer) -> bool:
+    """Whether a stock layer holds any state (then it was filled by something else, and is not replaced)."""
     return (
         layer.is_initialized
-        or any(layer.is_conv_states_initialized.values())
-        or any(layer.is_recurrent_states_initialized.values())
+        or any(getattr(layer, "is_conv_states_initialized", {}).values())
+        or any(getattr(layer, "is_recurrent_states_initialized", {}).values())
     )

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -47,6 +48,24 @@ def test_benchmark_reports_every_measure_with_ratios(tmp_path):
     assert (tmp_path / "bench.md").read_text().splitlines() == lines
 
 
+@pytest.mark.slow
+def test_compiled_benchmark_adds_compiled_training_and_decode_rows():
+    """`bench --compile`: both models compiled for training and decode (minutes of inductor on a CPU)."""
+    settings = dict(
+        train=[32], train_repeats=1, prefill=[], prefill_repeats=1, decode=[24, 40], window=8, dims=TINY_DIMS
+    )
+    results = run_benchmark(settings, compile=True)
+    rows = {row["metric"]: row for row in results["rows"]}
+    compiled_rows = [
+        "train tokens/s @ 32, compiled",
+        "train tokens/s @ 32, compiled, Llama with LlamaMem's loss",
+        "decode ms/token @ 24, compiled",
+        "decode ms/token @ 40, compiled",
+    ]
+    assert set(compiled_rows) <= set(rows) and results["compiled"]
+    assert all(rows[name]["llama_mem"] > 0 and rows[name]["llama"] > 0 for name in compiled_rows)
+
+
 def test_training_flops_count_the_output_layer_once_and_only_the_keys_attended():
     """Properties, not the formula again: the input embedding is a lookup (tied or not, the vocabulary matrix
     multiplies once, in the output layer); within the window the windowed model costs what Llama costs, and beyond it
@@ -90,20 +109,20 @@ def test_model_shape_from_a_folder_or_the_smollm2_preset(tmp_path):
 
 
 def test_bench_command_takes_a_model_shape(tmp_path, monkeypatch):
-    import pytest
-
     import hf_llama_mem.bench as bench
     from hf_llama_mem.cli import main
 
     seen = {}
 
-    def fake_run(settings, report):
-        seen.update(settings)
+    def fake_run(settings, report, compile):
+        seen.update(settings, compile=compile)
         return {"rows": []}
 
     monkeypatch.setattr(bench, "run_benchmark", fake_run)
     main(["bench", "--quick", "--model", "smollm2", "--json", str(tmp_path / "b.json")])
-    assert seen["dims"] == bench.SMOLLM2_DIMS and seen["train"] == bench.QUICK["train"]
+    assert seen["dims"] == bench.SMOLLM2_DIMS and seen["train"] == bench.QUICK["train"] and not seen["compile"]
+    main(["bench", "--quick", "--compile", "--json", str(tmp_path / "b.json")])
+    assert seen["compile"]
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--model", str(tmp_path / "missing")])
     assert exit_info.value.code == 2

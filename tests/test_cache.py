@@ -291,12 +291,38 @@ def test_a_config_less_dynamic_cache_works_as_the_config_built_one():
     assert torch.equal(results[0], results[1])
 
 
-def test_a_static_cache_is_refused_in_one_line():
+def test_a_static_cache_computes_what_the_dynamic_cache_computes_in_place():
+    """A StaticCache gets fixed-shape layers: a left-padded prefill shorter than the window (empty slots), decode
+    steps past the window, then a longer continuation give the dynamic cache's logits, and the decode steps write
+    into the same tensors (what a CUDA graph of the step needs)."""
     from transformers import StaticCache
 
-    model = tiny_model()
-    with pytest.raises(ValueError, match="cache_implementation='static'.*already fixed-size"), torch.no_grad():
-        model(torch.randint(1, 256, (1, 3)), cache=StaticCache(config=model.config, max_cache_len=16), use_cache=True)
+    from hf_llama_mem.fixed_cache import FixedWindowLayer, LlamaMemFixedLayer
+
+    model = tiny_model(memory_layers=[1])
+    ids = torch.randint(1, 256, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+
+    def run(cache, addresses=None):
+        with torch.no_grad():
+            logits = [model(ids[:, :3], attention_mask=mask[:, :3], cache=cache, use_cache=True).logits]
+            for t in range(3, 20):
+                logits.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits)
+                if addresses is not None:
+                    addresses.add(tuple(t.data_ptr() for layer in cache.layers for t in tensors_of(layer)))
+            logits.append(model(ids[:, 20:], attention_mask=mask, cache=cache, use_cache=True).logits)
+        return torch.cat(logits, dim=1)
+
+    def tensors_of(layer):
+        return [layer.keys, layer.values, *getattr(layer, "row_states", list)(), layer.valid, layer.seen]
+
+    static = StaticCache(config=model.config, max_cache_len=4)  # max_cache_len does not matter: W - 1 slots
+    addresses = set()
+    assert_close(run(static, addresses), run(DynamicCache(config=model.config)), 1e-5, "static vs dynamic")
+    assert [type(layer) for layer in static.layers] == [FixedWindowLayer, LlamaMemFixedLayer]
+    assert len(addresses) == 1, "a decode step replaced a tensor of the cache"
+    assert static.get_seq_length() == 30 and static.layers[1].keys.shape[2] == model.config.sliding_window - 1
 
 
 def test_batch_select_indices_keeps_exactly_the_selected_rows():

@@ -56,6 +56,7 @@ def environment_without_package(root) -> str:
 EXPORTED_CODE = {
     "causal_lm_loss.py",
     "configuration_llama_mem.py",
+    "fixed_cache.py",
     "memory_layer.py",
     "memory_ops.py",
     "modeling_llama_mem.py",

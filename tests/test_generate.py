@@ -92,10 +92,18 @@ def test_beams_and_several_sequences_start_from_a_prefilled_cache(kwargs):
     assert torch.equal(model.generate(prompt, **{CACHE_FIELD: cache}, **kwargs), expected)
 
 
-def test_a_static_cache_implementation_is_refused_in_one_line():
+@pytest.mark.parametrize("kwargs", [dict(), dict(num_beams=3), dict(padded=True)], ids=["greedy", "beams", "padded"])
+def test_a_static_cache_implementation_generates_what_the_dynamic_cache_generates(kwargs):
+    """cache_implementation="static" (transformers' way to ask for a compiled decode step; eager here) runs on
+    fixed-shape layers: the same tokens, beam search (reordered in place) and a left-padded batch included."""
     model = tiny_model()
-    with pytest.raises(ValueError, match="cache_implementation='static'.*already fixed-size"):
-        model.generate(torch.randint(1, 256, (1, 10)), max_new_tokens=3, cache_implementation="static")
+    prompt = torch.randint(1, 256, (2, 12))
+    if kwargs.pop("padded", False):
+        kwargs["attention_mask"] = torch.ones_like(prompt)
+        kwargs["attention_mask"][0, :5] = 0
+    kwargs.update(max_new_tokens=20, do_sample=False)
+    expected = model.generate(prompt, **kwargs)
+    assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), expected)
 
 
 def test_a_model_offloaded_to_disk_generates_what_the_model_generates(tmp_path):
