@@ -85,3 +85,12 @@ def test_gradients_reach_both_corrections_and_they_are_memory_parameters():
 def test_negative_rank_is_refused():
     with pytest.raises(ValueError, match="memory_projection_rank must be >= 0, got -1"):
         tiny_config(memory_projection_rank=-1)
+
+
+def test_static_cache_generation_applies_the_corrections_too():
+    """The fixed-shape decode layers (cache_implementation="static") read and write through the same corrections."""
+    model = with_random_corrections(tiny_model(memory_projection_rank=RANK))
+    prompt = torch.randint(1, 256, (2, 20))
+    kwargs = dict(max_new_tokens=20, do_sample=False)
+    expected = model.generate(prompt, **kwargs)
+    assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), expected)
