@@ -498,7 +498,7 @@ def write_delta(path: Path, model: nn.Module, metadata: dict) -> Path:
 def read_delta_metadata(path: str | os.PathLike) -> dict:
     """The metadata of a delta file, JSON values decoded: format, sliding_window, memory_layers, memory_rule,
     memory_conv_size, memory_projection_rank (absent in older deltas: 0), lora, source, settings, command, seed,
-    data, training, versions."""
+    data, training, versions, earlier_stages (a second stage's record of the stages before it)."""
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
     if raw.get("format") != DELTA_FORMAT:
@@ -887,11 +887,22 @@ def extend(
             "seconds": sum(r["seconds"] for r in train_records),
         },
         "versions": versions(),
+        "earlier_stages": earlier_stages(settings.init_delta),
     }
     delta_path = write_delta(output_dir / DELTA_FILE, model, metadata)
     if settings.save_model:
         save_full_model(model, delta_path, tokenizer, output_dir / "model")
     return delta_path
+
+
+def earlier_stages(init_delta: str | None) -> list[dict]:
+    """What produced the delta a second stage started from (and what produced that one's start), oldest first: each
+    stage's command, settings, seed, data and training record, so a multi-stage delta says how to make it again."""
+    if init_delta is None:
+        return []
+    meta = read_delta_metadata(init_delta)
+    stage = {key: meta.get(key) for key in ("command", "settings", "seed", "data", "training", "versions")}
+    return [*meta.get("earlier_stages", []), stage]
 
 
 def save_full_model(model: nn.Module, delta_path: Path, tokenizer, folder: Path) -> None:

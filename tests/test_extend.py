@@ -145,7 +145,12 @@ def test_a_second_stage_starts_from_the_first_stages_delta(source, run, tmp_path
     second = extend(source, tmp_path / "second", still)
     for name, tensor in load_file(first).items():
         assert_close(load_file(second)[name], tensor, 0.0, name)
-    assert read_delta_metadata(second)["settings"]["init_delta"] == str(first)
+    meta = read_delta_metadata(second)
+    assert meta["settings"]["init_delta"] == str(first)
+    first_stage = read_delta_metadata(first)
+    assert meta["earlier_stages"] == [
+        {k: first_stage[k] for k in ("command", "settings", "seed", "data", "training", "versions")}
+    ]
     with_lora = extend(source, tmp_path / "lora", ExtendSettings(**{**SETTINGS, "steps": 1, "lora_rank": 2}))
     with pytest.raises(ValueError, match="has LoRA factors"):
         extend(source, tmp_path / "third", ExtendSettings(**{**SETTINGS, "steps": 1, "init_delta": str(with_lora)}))
