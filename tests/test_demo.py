@@ -102,11 +102,11 @@ def test_smollm2_demo_converts_with_the_delta_then_runs_passkey_and_chat(stand_i
     assert source == "smollm2" and destination == os.path.join(str(out), "model")
     assert kwargs == {"delta": str(tmp_path / "delta.safetensors"), "overwrite": True}
     printed = capsys.readouterr().out
-    assert "| passkey (depth 0.25) | 256 | ~192 tokens (~24 W) back | " in printed
+    assert "| passkey (depth 0) | 256 | ~256 tokens (~32 W) back | " in printed
     assert "| chat recall | " in printed and "The model replies: " in printed and "the user asks: " in printed
     results = json.loads((out / "results.json").read_text())
     assert results["window"] == 8 and results["settings"]["seed"] == 3
-    assert results["passkey"]["lengths"] == [128, 256] and results["passkey"]["depths"] == [0.25]
+    assert results["passkey"]["lengths"] == [128, 256] and results["passkey"]["depths"] == [0.0]
     [chat] = results["chat_recall"]["conversations"]
     assert chat["windows_back"] == 2 and chat["gap_tokens"] >= 16 and chat["question"] in printed
     assert set(results["seconds"]) == {"convert_and_load", "passkey", "chat_recall"}
