@@ -5,12 +5,13 @@
     python examples/extend_smollm2.py --steps 60 --lora-rank 8  # any ExtendSettings field, as `hf-llama-mem extend`
     python examples/extend_smollm2.py --memory-layers ""        # the no-memory twin (needs --lora-rank)
 
-The same as `hf-llama-mem extend smollm2 extend_smollm2`: SmolLM2 is converted with a W-token window (the memory
-gates closed, so it starts as the windowed source), then its memory parameters (and LoRA factors, with a rank) are
-trained on long passkey, multi-needle, key-value, variable-tracking and natural-text samples. Interrupt it at any
-time and run it again: it resumes from the latest checkpoint. The output folder gets the delta
-(memory_delta.safetensors), the log (log.jsonl), the loss and gate plot (loss_gate.png) and the checkpoints; apply
-the delta to a fresh conversion with `hf_llama_mem.extend.apply_delta`.
+The same as `hf-llama-mem extend smollm2 extend_smollm2`: SmolLM2 is converted with a W-token window (the memory gates
+closed, so it starts as the windowed source), then its memory parameters (and LoRA factors, with a rank) are trained:
+by default on passkeys at 512 tokens, the first stage of the shipped delta's recipe (the README gives all three stages'
+commands); `--mix` adds multi-needle, key-value, variable-tracking and natural-text samples. Interrupt it at any time
+and run it again: it resumes from the latest checkpoint. The output folder gets the delta (memory_delta.safetensors),
+the log (log.jsonl), the loss and gate plot (loss_gate.png) and the checkpoints; apply the delta to a fresh conversion
+with `hf_llama_mem.extend.apply_delta`.
 """
 
 import json

@@ -114,10 +114,12 @@ class ExtendSettings:
 
     The defaults are the first stage of the shipped SmolLM2 delta's recipe (about 25 minutes on an idle 2-core CPU):
     passkeys alone, at 512 tokens (the needle at least W back), 275 steps of 2 samples at a constant learning rate,
-    memory parameters only. Its second stage anneals: `init_delta` = the first stage's delta, another seed, a
-    learning rate of 3e-3 with a cosine schedule, 125 steps (README, "Long context from a pretrained Llama").
-    Passkeys first, because the five-kind mix at a like budget taught the memory that a number is asked for, not
-    which one; other kinds and lengths are a `--mix` / `--length-*` away."""
+    memory parameters only. Then two stages from the previous stage's delta (`init_delta`), each with its own seed,
+    a learning rate of 3e-3 and a cosine schedule: 125 steps of passkeys (annealing), and 100 steps of passkeys and
+    language modelling half and half, which undoes what passkeys alone did to the perplexity beyond W (README, "Long
+    context from a pretrained Llama"). Passkeys first, because the five-kind mix at a like budget taught the memory
+    that a number is asked for, not which one; other kinds and lengths are a `--mix` / `--length-*` away.
+    """
 
     steps: int = field(default=275, metadata=_help("optimizer steps"))
     batch_size: int = field(default=2, metadata=_help("samples per step (each weighs the same in the loss)"))
