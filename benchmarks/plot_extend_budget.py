@@ -3,7 +3,8 @@ the log.jsonl of each stage in order (a second stage, `--init-delta`, continues 
 
     python benchmarks/plot_extend_budget.py docs/extend_budget_smollm2.png run/log.jsonl stage2/log.jsonl
 
-Prints a markdown table (minutes, steps, held-out loss, exact match) and draws the two curves. The minutes are the
+Prints a markdown table (minutes, steps, held-out answer loss, exact match, language-modelling loss where a stage
+trains it) and draws the two curves. The minutes are the
 steps' own seconds as logged (training only: the held-out evaluations are not counted).
 """
 
@@ -14,6 +15,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def retrieval_loss(by_kind: dict) -> float:
+    losses = [loss for kind, loss in by_kind.items() if kind != "language_modelling"]
+    return sum(losses) / len(losses)
 
 
 def budget_points(log_paths: list[str]) -> list[dict]:
@@ -31,7 +37,9 @@ def budget_points(log_paths: list[str]) -> list[dict]:
                         "stage": stage,
                         "steps": steps,
                         "minutes": seconds / 60,
-                        "eval_loss": record["eval_loss"],
+                        # the retrieval kinds' loss; a stage with language modelling reports that loss beside it
+                        "eval_loss": retrieval_loss(record["eval_loss_by_kind"]),
+                        "lm_loss": record["eval_loss_by_kind"].get("language_modelling"),
                         "exact_match": record["eval_answer_accuracy"],
                     }
                 )
@@ -40,9 +48,12 @@ def budget_points(log_paths: list[str]) -> list[dict]:
 
 def main(output: str, *log_paths: str) -> None:
     points = budget_points(list(log_paths))
-    print("| minutes | steps | stage | held-out answer loss | exact match |\n|---|---|---|---|---|")
+    print("| minutes | steps | stage | held-out answer loss | exact match | held-out LM loss |")
+    print("|---|---|---|---|---|---|")
     for p in points:
-        print(f"| {p['minutes']:.0f} | {p['steps']} | {p['stage']} | {p['eval_loss']:.3f} | {p['exact_match']:.2f} |")
+        lm = "-" if p["lm_loss"] is None else f"{p['lm_loss']:.2f}"
+        cells = [f"{p['minutes']:.0f}", str(p["steps"]), str(p["stage"]), f"{p['eval_loss']:.2f}"]
+        print("| " + " | ".join([*cells, f"{p['exact_match']:.2f}", lm]) + " |")
     figure, (loss_axis, match_axis) = plt.subplots(1, 2, figsize=(9, 3.5))
     minutes = [p["minutes"] for p in points]
     loss_axis.plot(minutes, [p["eval_loss"] for p in points], marker="o")
