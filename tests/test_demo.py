@@ -150,7 +150,7 @@ def test_smollm2_demo_with_the_shipped_delta(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     main(["demo", "--model", "smollm2", "--output-dir", str(out)])
     printed = capsys.readouterr().out
-    assert "| passkey (depth 0.25) | 1024 |" in printed and "The model replies: " in printed
+    assert "| passkey (depth 0) | 1024 |" in printed and "The model replies: " in printed
     results = json.loads((out / "results.json").read_text())
     assert results["delta"] == str(path) and results["conversion"]["delta"] == str(path)
     assert results["window"] == results["conversion"]["sliding_window"]
