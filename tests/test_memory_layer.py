@@ -49,7 +49,7 @@ def recorded_memory_calls(model, forwards) -> list[dict]:
             if args[0] == "write":
                 record["entries"].append(output)
             else:
-                record["queries"].append(args[1])
+                record["queries"].append(args[2])  # ("read", hidden_states, query, ...)
                 record["reads"].append(output)
 
         return hook
