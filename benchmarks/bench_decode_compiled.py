@@ -11,28 +11,19 @@ import argparse
 import json
 
 import torch
-from transformers import DynamicCache
 
 from hf_llama_mem.bench import (
-    CACHE_FIELD,
     FULL,
     RECOMPILE_LIMIT,
     build,
     compiled,
     decode_ms,
+    prefill,
     static_cache_after_prefill,
     with_model_shape,
 )
 
 LENGTHS = (1024, 4096)
-
-
-@torch.no_grad()
-def dynamic_cache_after_prefill(model, length: int) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
-    ids = torch.randint(0, model.config.vocab_size, (1, length))
-    model(ids, use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache})
-    return cache
 
 
 @torch.no_grad()
@@ -45,7 +36,7 @@ def main() -> None:
     results = {}
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
         for length in LENGTHS:
-            eager = {name: (model, dynamic_cache_after_prefill(model, length)) for name, model in models.items()}
+            eager = {name: (model, prefill(model, length)[2]) for name, model in models.items()}  # DynamicCache
             static = {
                 name: (compiled(model), static_cache_after_prefill(model, length)) for name, model in models.items()
             }

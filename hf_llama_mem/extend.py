@@ -523,6 +523,7 @@ CONVERSION_FIELDS = ("sliding_window", "memory_rule", "memory_layers", "memory_p
 def delta_conversion(delta_path: str | os.PathLike) -> dict:
     """The `from_llama` keywords of the conversion a delta applies to (W, memory rule, memory layers, rank)."""
     meta = read_delta_metadata(delta_path)
+    # deltas written before the memory corrections existed have no rank: theirs is 0
     return {name: meta.get(name, 0) if name == "memory_projection_rank" else meta[name] for name in CONVERSION_FIELDS}
 
 
@@ -540,15 +541,10 @@ def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTra
         raise ValueError(
             f"apply_delta needs a LlamaMem model, got model_type {getattr(config, 'model_type', None)!r}."
         )
-    if meta["sliding_window"] != config.sliding_window:
-        problems.append(f"sliding_window: delta {meta['sliding_window']}, model {config.sliding_window}")
-    if meta["memory_layers"] != _layers_of(config):
-        problems.append(f"memory_layers: delta {meta['memory_layers']}, model {_layers_of(config)}")
-    if meta["memory_rule"] != config.memory_rule:
-        problems.append(f"memory_rule: delta {meta['memory_rule']!r}, model {config.memory_rule!r}")
-    rank = meta.get("memory_projection_rank", 0)  # deltas of format 1 before the corrections existed have none
-    if rank != config.memory_projection_rank:
-        problems.append(f"memory_projection_rank: delta {rank}, model {config.memory_projection_rank}")
+    for name, value in delta_conversion(delta_path).items():
+        have = _layers_of(config) if name == "memory_layers" else getattr(config, name)
+        if value != have:
+            problems.append(f"{name}: delta {value!r}, model {have!r}")
     for key, value in meta["source"]["config"].items():
         if key in SOURCE_FIELDS and value is not None and getattr(config, key, None) != value:
             problems.append(f"{key}: delta's source {value}, model {getattr(config, key, None)}")
