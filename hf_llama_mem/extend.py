@@ -190,6 +190,14 @@ class ExtendSettings:
             f"default {DEFAULT_WRITE_BIAS})"
         ),
     )
+    write_sparsity: float = field(
+        default=0.0,
+        metadata=_help(
+            "weight of the mean write strength (beta over every write, every memory layer) added to the loss: a "
+            "memory trained on short samples never pays for filler it writes, which overwrites the needle far past "
+            "the trained length"
+        ),
+    )
     init_delta: str | None = field(
         default=None,
         metadata=_help(
@@ -211,7 +219,7 @@ class ExtendSettings:
             raise ValueError(f"length_end ({self.length_end}) must be >= length_start ({self.length_start}).")
         if not 0.0 <= self.length_ramp <= 1.0:
             raise ValueError(f"length_ramp must be in [0, 1], got {self.length_ramp}.")
-        for name in ("warmup_steps", "lora_rank", "eval_every", "keep_checkpoints", "eval_samples"):
+        for name in ("warmup_steps", "lora_rank", "eval_every", "keep_checkpoints", "eval_samples", "write_sparsity"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -407,6 +415,33 @@ def sample_losses(model: nn.Module, samples: list[dict]) -> tuple[torch.Tensor, 
         losses.append(lm.loss_function(logits=logits, labels=None, vocab_size=logits.shape[-1], shift_labels=counted))
         correct.append(bool((logits.argmax(-1) == counted).all()))
     return torch.stack(losses), correct
+
+
+class WriteStrengths:
+    """Collects, while active, the mean write strength (beta) of every memory write of each forward: a context
+    manager holding forward hooks on the memory modules (their "write" step returns [value | key | g | beta])."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.means, self.handles = model, [], []
+
+    def __enter__(self) -> "WriteStrengths":
+        for module in self.model.modules():
+            if type(module).__name__ == "LlamaMemMemory":
+                self.handles.append(module.register_forward_hook(self._record))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _record(self, module, args, output) -> None:
+        if args[0] == "write" and output.shape[2] and torch.is_grad_enabled():  # training forwards only
+            self.means.append(output[..., -1].mean())
+
+    def pop_mean(self) -> torch.Tensor | None:
+        """The mean over the layers of what was recorded since the last call, and forget it."""
+        means, self.means = self.means, []
+        return torch.stack(means).mean() if means else None
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
@@ -803,45 +838,58 @@ def extend(
     if eval_samples and start == 0:
         evaluate(0)
     bar = tqdm(total=settings.steps, initial=start, desc="extend", disable=not settings.progress, dynamic_ncols=True)
-    for step in range(start, settings.steps):
-        began = time.perf_counter()
-        samples = stream.batch(step)
-        stream.next_step = step + 1
-        losses = []
-        for i in range(0, len(samples), settings.micro_batch_size):
-            part, _ = sample_losses(model, samples[i : i + settings.micro_batch_size])
-            (part.sum() / len(samples)).backward()
-            losses += part.detach().tolist()
-        grad_norm = None
-        if settings.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, settings.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        gates = gate_values(model)
-        record = {
-            "step": step + 1,
-            "loss": sum(losses) / len(losses),
-            "loss_by_kind": _by_kind(losses, samples),
-            "mean_abs_gate": None if gates is None else gates.abs().mean().item(),
-            "max_abs_gate": None if gates is None else gates.abs().max().item(),
-            "grad_norm": grad_norm,
-            "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-            "length": len(samples[0]["input_ids"]),
-            "seconds": time.perf_counter() - began,
-        }
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        done = step + 1
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            save_checkpoint(output_dir, done, model, optimizer, scheduler, stream, settings, settings.keep_checkpoints)
-            plot_log(log_path, output_dir / "loss_gate.png")
-        if eval_samples and (done % settings.eval_every == 0 or done == settings.steps):
-            evaluate(done)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", gate=f"{record['mean_abs_gate'] or 0:.3f}", len=record["length"])
-        if on_step is not None:
-            on_step(record)
+    with WriteStrengths(model) as meter:
+        for step in range(start, settings.steps):
+            began = time.perf_counter()
+            samples = stream.batch(step)
+            stream.next_step = step + 1
+            losses, write_strengths = [], []
+            for i in range(0, len(samples), settings.micro_batch_size):
+                part, _ = sample_losses(model, samples[i : i + settings.micro_batch_size])
+                loss = part.sum() / len(samples)
+                write_strength = meter.pop_mean()
+                if write_strength is not None:
+                    write_strengths.append(write_strength.item())
+                    if settings.write_sparsity:
+                        loss = loss + settings.write_sparsity * write_strength * len(part) / len(samples)
+                loss.backward()
+                meter.pop_mean()  # a recomputing backward (gradient checkpointing) runs the hooks again: not counted
+                losses += part.detach().tolist()
+            grad_norm = None
+            if settings.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, settings.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            gates = gate_values(model)
+            record = {
+                "step": step + 1,
+                "loss": sum(losses) / len(losses),
+                "loss_by_kind": _by_kind(losses, samples),
+                "mean_abs_gate": None if gates is None else gates.abs().mean().item(),
+                "mean_write_strength": _mean(write_strengths),
+                "max_abs_gate": None if gates is None else gates.abs().max().item(),
+                "grad_norm": grad_norm,
+                "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                "length": len(samples[0]["input_ids"]),
+                "seconds": time.perf_counter() - began,
+            }
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            done = step + 1
+            if done % settings.checkpoint_every == 0 or done == settings.steps:
+                save_checkpoint(
+                    output_dir, done, model, optimizer, scheduler, stream, settings, settings.keep_checkpoints
+                )
+                plot_log(log_path, output_dir / "loss_gate.png")
+            if eval_samples and (done % settings.eval_every == 0 or done == settings.steps):
+                evaluate(done)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}", gate=f"{record['mean_abs_gate'] or 0:.3f}", len=record["length"]
+            )
+            if on_step is not None:
+                on_step(record)
     bar.close()
     plot_log(log_path, output_dir / "loss_gate.png")
 

@@ -346,3 +346,22 @@ def test_a_conversion_can_start_with_a_low_write_strength(source):
     model = load_model(source, ExtendSettings(**{**SETTINGS, "write_bias_init": -3.0}))
     biases = [p for n, p in model.named_parameters() if n.endswith(".memory.write_proj.bias")]
     assert biases and all(torch.equal(b, torch.full_like(b, -3.0)) for b in biases)
+
+
+def test_write_sparsity_lowers_the_write_strength(source, tmp_path):
+    plain = ExtendSettings(**{**SETTINGS, "steps": 4, "warmup_steps": 0})
+    sparse = ExtendSettings(**{**SETTINGS, "steps": 4, "warmup_steps": 0, "write_sparsity": 50.0})
+    extend(source, tmp_path / "plain", plain)
+    extend(source, tmp_path / "sparse", sparse)
+    plain_log, sparse_log = log_records(tmp_path / "plain"), log_records(tmp_path / "sparse")
+    # The first step's forward runs before any update: the same write strengths, whatever the penalty.
+    assert 0.0 < plain_log[0]["mean_write_strength"] < 1.0
+    assert sparse_log[0]["mean_write_strength"] == pytest.approx(plain_log[0]["mean_write_strength"], rel=1e-6)
+    assert sparse_log[-1]["mean_write_strength"] < 0.8 * plain_log[-1]["mean_write_strength"]
+    # The retrieval losses are logged without the penalty, so the two runs' step-1 losses agree too.
+    assert sparse_log[0]["loss"] == pytest.approx(plain_log[0]["loss"], rel=1e-6)
+
+
+def test_write_sparsity_must_not_be_negative():
+    with pytest.raises(ValueError, match="write_sparsity"):
+        ExtendSettings(write_sparsity=-1.0)
