@@ -64,6 +64,11 @@ class LlamaMemConfig(LlamaConfig):
             the key it writes with (0: none, the memory uses the attention's pre-RoPE q and k as they are). They
             start at zero, so a conversion stays exact; they let the memory learn keys for retrieval without changing
             what softmax attention computes.
+        memory_centering (`bool`): learned offsets added to the memory's key (before its L2 normalisation) and to
+            its query, one per head and channel, starting at zero; `hf_llama_mem.extend.calibrate_centering` sets
+            them to minus their means on sample text. A pretrained model's keys share a large common direction
+            (on SmolLM2 the mean of unit memory keys has norm 0.6-0.99), so every write would overlap and erase every
+            earlier one; centred keys keep a stored fact apart from later writes.
         memory_gate_init (`float`): starting value of the per-head gate on the memory read in a freshly initialised
             model. 1.0 (open) learns associative recall fastest; for language modelling from scratch, 0.0 with a
             larger learning rate on the memory parameters trained better in our runs (see examples/train_clm.py).
@@ -102,6 +107,7 @@ class LlamaMemConfig(LlamaConfig):
     memory_conv_size: int = 4
     memory_gate_init: float | int = 1.0
     memory_projection_rank: int = 0
+    memory_centering: bool = False
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):

@@ -100,7 +100,9 @@ SOURCE_FIELDS = (
 # retrieval several times faster than the attention's own q and k (the same steps, the same data).
 DEFAULT_WINDOW = 256
 RECIPE_MIX = {"passkey": 1.0}
-DEFAULT_CONVERSION = {"memory_rule": "delta", "memory_projection_rank": 16}
+DEFAULT_CONVERSION = {"memory_rule": "delta", "memory_projection_rank": 16, "memory_centering": False}
+# Tokens of training text the memory's centring offsets are calibrated on (calibrate_centering).
+CENTERING_TOKENS = 2048
 DEFAULT_WRITE_BIAS = -3.0
 
 
@@ -181,6 +183,13 @@ class ExtendSettings:
         metadata=_help(
             "when converting SRC: rank of the memory's own query and key corrections (0: the attention's q and k; "
             f"default {DEFAULT_CONVERSION['memory_projection_rank']})"
+        ),
+    )
+    memory_centering: bool | None = field(
+        default=None,
+        metadata=_help(
+            "when converting SRC: centred memory keys and queries (learned offsets, set at the start to minus their "
+            f"means on training text; default {DEFAULT_CONVERSION['memory_centering']})"
         ),
     )
     write_bias_init: float | None = field(
@@ -277,12 +286,14 @@ def load_model(src, settings: ExtendSettings) -> PreTrainedModel:
             "memory_rule": settings.memory_rule,
             "memory_layers": None if settings.memory_layers is None else sorted(settings.memory_layers),
             "memory_projection_rank": settings.memory_projection_rank,
+            "memory_centering": settings.memory_centering,
         }
         have = {
             "sliding_window": config.sliding_window,
             "memory_rule": config.memory_rule,
             "memory_layers": layers,
             "memory_projection_rank": config.memory_projection_rank,
+            "memory_centering": config.memory_centering,
         }
         differ = [f"{k}: settings {v}, model {have[k]}" for k, v in wanted.items() if v is not None and v != have[k]]
         if differ:
@@ -307,6 +318,48 @@ def start_from_delta(model: PreTrainedModel, path: str | os.PathLike) -> None:
             f"init_delta {path} has LoRA factors; a second stage can start only from a memory-only delta."
         )
     apply_delta(model, path)
+
+
+@torch.no_grad()
+def calibrate_centering(model: PreTrainedModel, input_ids: torch.LongTensor) -> None:
+    """Set each memory layer's key and query offsets (`LlamaMemConfig.memory_centering`) to minus the mean of its
+    memory keys (after the convolution, before the L2 normalisation) and of its queries over `input_ids` [1, T], so
+    that on such text they are centred. One forward with the offsets at zero; a layer's statistics include what the
+    memories before it read, as they were before this call (nothing, after a conversion: the gates are closed)."""
+    sums, handles = {}, []
+
+    def record_key(memory):
+        def hook(conv, args, output):  # the key convolution's output [B, Hkv D, T']: before offset and norm
+            sums[(memory, "key")] = output.float().mean(dim=(0, 2)).view_as(memory.key_offset)
+
+        return hook
+
+    def record_query(memory, args, output):
+        if args[0] == "read":
+            hidden_states, query = args[1], args[2]  # the read's query [B, H, T, D], before its correction
+            if memory.query_correction is not None:
+                query = query + memory.query_correction(hidden_states)
+            sums[(memory, "query")] = query.float().mean(dim=(0, 2))
+
+    memories = [m for m in model.modules() if getattr(m, "key_offset", None) is not None]
+    if not memories:
+        raise ValueError("calibrate_centering needs a model with memory_centering=True.")
+    for memory in memories:
+        memory.key_offset.zero_()
+        memory.query_offset.zero_()
+        handles.append(memory.register_forward_hook(record_query))
+        handles.append(memory.key_conv.register_forward_hook(record_key(memory)))
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids=input_ids.to(model.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    for memory in memories:
+        memory.key_offset.copy_(-sums[(memory, "key")])
+        memory.query_offset.copy_(-sums[(memory, "query")])
 
 
 def source_identity(model: PreTrainedModel, src, settings: ExtendSettings) -> dict:
@@ -536,8 +589,9 @@ def write_delta(path: Path, model: nn.Module, metadata: dict) -> Path:
 
 def read_delta_metadata(path: str | os.PathLike) -> dict:
     """The metadata of a delta file, JSON values decoded: format, sliding_window, memory_layers, memory_rule,
-    memory_conv_size, memory_projection_rank (absent in older deltas: 0), lora, source, settings, command, seed,
-    data, training, versions, earlier_stages (a second stage's record of the stages before it)."""
+    memory_conv_size, memory_projection_rank and memory_centering (absent in older deltas: 0 and False), lora,
+    source, settings, command, seed, data, training, versions, earlier_stages (a second stage's record of the
+    stages before it)."""
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
     if raw.get("format") != DELTA_FORMAT:
@@ -552,14 +606,16 @@ def read_delta_metadata(path: str | os.PathLike) -> dict:
 
 
 # The config fields a conversion must share with the delta it takes, as `from_llama` keywords.
-CONVERSION_FIELDS = ("sliding_window", "memory_rule", "memory_layers", "memory_projection_rank")
+CONVERSION_FIELDS = ("sliding_window", "memory_rule", "memory_layers", "memory_projection_rank", "memory_centering")
+# What a delta written before a field existed was trained with.
+CONVERSION_FIELDS_BEFORE = {"memory_projection_rank": 0, "memory_centering": False}
 
 
 def delta_conversion(delta_path: str | os.PathLike) -> dict:
     """The `from_llama` keywords of the conversion a delta applies to (W, memory rule, memory layers, rank)."""
     meta = read_delta_metadata(delta_path)
     # deltas written before the memory corrections existed have no rank: theirs is 0
-    return {name: meta.get(name, 0) if name == "memory_projection_rank" else meta[name] for name in CONVERSION_FIELDS}
+    return {name: meta.get(name, CONVERSION_FIELDS_BEFORE.get(name)) for name in CONVERSION_FIELDS}
 
 
 def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTrainedModel:
@@ -774,6 +830,11 @@ def extend(
         digits=tuple(settings.digits),
         chat_fraction=settings.chat_fraction,
     )
+    offsets = [p for n, p in model.named_parameters() if n.endswith((".memory.key_offset", ".memory.query_offset"))]
+    if offsets and not any(offset.any() for offset in offsets):  # centring not set yet: a conversion, or old delta
+        rng = random.Random(sample_seed(settings.seed, "centering"))
+        text = data.generate("language_modelling", CENTERING_TOKENS + config.sliding_window, rng)
+        calibrate_centering(base_causal_lm(model), torch.tensor([text["input_ids"]]))
     curriculum = LengthCurriculum(
         settings.length_start, settings.length_end, settings.ramp_steps, settings.length_multiple
     )
@@ -905,6 +966,7 @@ def extend(
         "memory_rule": base_config.memory_rule,
         "memory_conv_size": base_config.memory_conv_size,
         "memory_projection_rank": base_config.memory_projection_rank,
+        "memory_centering": base_config.memory_centering,
         "lora": (
             {
                 "rank": settings.lora_rank,
@@ -1015,7 +1077,8 @@ def add_extend_parser(commands) -> None:
         kwargs = {"dest": f.name, "help": f.metadata.get("help", ""), "default": default}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        if f.type in (bool, "bool"):
+        kinds = f.type.__args__ if isinstance(f.type, types.UnionType) else (f.type,)
+        if bool in kinds or f.type == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name == "mix":
             kwargs["type"], kwargs["default"] = _parse_mix, ",".join(f"{k}={v}" for k, v in default.items())
@@ -1025,7 +1088,6 @@ def add_extend_parser(commands) -> None:
             kwargs["type"] = _parse_int_list
             kwargs["default"] = None if default is None else ",".join(map(str, default))
         else:
-            kinds = f.type.__args__ if isinstance(f.type, types.UnionType) else (f.type,)
             kwargs["type"] = next(t for t in kinds if t is not type(None))
         p.add_argument(option, **kwargs)
     p.set_defaults(run=run_extend_command)

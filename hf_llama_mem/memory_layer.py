@@ -165,6 +165,10 @@ class LlamaMemMemory(nn.Module):
             rank, hidden = config.memory_projection_rank, config.hidden_size
             self.query_correction = LowRankCorrection(hidden, rank, config.num_attention_heads, config.head_dim)
             self.key_correction = LowRankCorrection(hidden, rank, config.num_key_value_heads, config.head_dim)
+        self.key_offset = self.query_offset = None
+        if config.memory_centering:  # [heads, D]: zero at the start; see LlamaMemConfig.memory_centering
+            self.key_offset = nn.Parameter(torch.zeros(config.num_key_value_heads, config.head_dim))
+            self.query_offset = nn.Parameter(torch.zeros(config.num_attention_heads, config.head_dim))
 
     def forward(self, step: str, *args) -> torch.Tensor:
         """`step` "write" runs `entries(*args)`, "read" runs `read(*args)`. Both go through forward because module
@@ -205,7 +209,10 @@ class LlamaMemMemory(nn.Module):
         if layer_cache is not None and taps > 0:
             # after the convolution: the cache overwrites its conv state in place
             layer_cache.update_conv_state(conv_input, conv_kernel_size=taps)
-        memory_key = l2_normalize(memory_key.view(batch, num_heads, head_dim, length).transpose(2, 3))
+        memory_key = memory_key.view(batch, num_heads, head_dim, length).transpose(2, 3)
+        if self.key_offset is not None:
+            memory_key = memory_key + self.key_offset[:, None]
+        memory_key = l2_normalize(memory_key)
 
         beta = torch.sigmoid(self.write_proj(hidden_states).float())
         if self.gated:
@@ -230,6 +237,8 @@ class LlamaMemMemory(nn.Module):
         """
         if self.query_correction is not None:
             query = query + self.query_correction(hidden_states)
+        if self.query_offset is not None:
+            query = query + self.query_offset[:, None]
         length = query.shape[2]
         state = None
         if layer_cache is not None and layer_cache.is_recurrent_states_initialized[0]:
