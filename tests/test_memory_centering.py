@@ -60,3 +60,12 @@ def test_extend_calibrates_a_conversion_and_records_the_setting(source, tmp_path
     apply_delta(model, delta)
     offsets = [p for n, p in model.named_parameters() if n.endswith(OFFSETS)]
     assert offsets and all(p.abs().max() > 0 for p in offsets)
+
+
+def test_a_later_stage_converts_as_the_delta_it_starts_from(source, tmp_path):  # noqa: F811
+    """The recipe centres by default; a stage that starts from an uncentred delta converts without centring."""
+    first = extend(source, tmp_path / "first", ExtendSettings(**{**SETTINGS, "steps": 1, "memory_centering": False}))
+    second = extend(source, tmp_path / "second", ExtendSettings(**{**SETTINGS, "steps": 1, "init_delta": str(first)}))
+    assert read_delta_metadata(first)["memory_centering"] is False
+    assert read_delta_metadata(second)["memory_centering"] is False
+    assert ExtendSettings().memory_centering is None  # the default comes from DEFAULT_CONVERSION (True)

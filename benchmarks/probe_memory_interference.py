@@ -1,0 +1,137 @@
+"""What loses a passkey stored more than W back: the read, or the writes after it? Probes a trained SmolLM2 memory.
+
+    python benchmarks/probe_memory_interference.py DELTA_OR_CHECKPOINT [--lengths 1024,2048,4096] [--samples 2]
+
+DELTA_OR_CHECKPOINT: a delta file (`extend`'s memory_delta.safetensors, or the shipped smollm2-135m-instruct) or an
+`extend` checkpoint folder (its run's settings.json gives the conversion). For each length, the passkey evaluation's
+samples (seed 1, depths 0 and 0.5) are scored three ways, each a markdown row:
+
+- answer loss per token with every write, and with only the needle's writes (every other token's write strength
+  forced to zero: what the read can do when nothing overwrites the needle);
+- exact match of the teacher-forced answer (as `hf-llama-mem eval passkey`), per depth;
+- at the first length: the geometry of the memory keys on one sample, mean |cosine| among filler tokens and between
+  needle and filler tokens, averaged over layers and heads (a delta-rule write erases what is stored along its key,
+  so keys with cosine c interfere by c^2).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from hf_llama_mem import LlamaMemForCausalLM
+from hf_llama_mem.convert_llama import load_source_tokenizer, resolve_delta
+from hf_llama_mem.evals.common import seeded_generator
+from hf_llama_mem.evals.passkey import PasskeyOptions, PasskeyTask
+from hf_llama_mem.extend import ExtendSettings, apply_delta, delta_conversion, load_model
+
+DEPTHS = (0.0, 0.5)
+NEEDLE_MARGIN = (16, 4)  # tokens before and after the key's digits that count as the needle sentence
+
+
+def load(path: str) -> LlamaMemForCausalLM:
+    folder = Path(path)
+    if folder.is_dir():  # an extend checkpoint: checkpoints/step-N/trained.safetensors, settings two levels up
+        settings = json.loads((folder.parent.parent / "settings.json").read_text())
+        model = load_model("smollm2", ExtendSettings(**{**settings, "progress": False}))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in load_file(folder / "trained.safetensors").items():
+                params[name].copy_(tensor)
+        return model.eval()
+    delta = resolve_delta(path)
+    return apply_delta(LlamaMemForCausalLM.from_llama("smollm2", **delta_conversion(delta)).float(), delta).eval()
+
+
+class WriteMask:
+    """Forces the write strength of every token outside `keep` to zero (the write projection's logit to -1e4)."""
+
+    def __init__(self, model):
+        self.keep = None
+        for name, module in model.named_modules():
+            if name.endswith("memory.write_proj"):
+                module.register_forward_hook(self.hook)
+
+    def hook(self, module, args, output):
+        if self.keep is None:
+            return output
+        keep = self.keep[: output.shape[1]]  # without a cache only the tokens leaving the window write
+        return torch.where(keep[None, :, None], output, torch.full_like(output, -1e4))
+
+
+def needle_span(sample) -> tuple[int, int]:
+    ids, labels = sample["input_ids"][0].tolist(), sample["labels"][0]
+    answer = sample["input_ids"][0][labels != -100].tolist()
+    start = next(i for i in range(len(ids)) if ids[i : i + len(answer)] == answer)
+    return max(0, start - NEEDLE_MARGIN[0]), start + len(answer) + NEEDLE_MARGIN[1]
+
+
+def answer_loss(model, sample) -> float:
+    logits = model(input_ids=sample["input_ids"], use_cache=False).logits[0, :-1]
+    return F.cross_entropy(logits, sample["labels"][0, 1:], ignore_index=-100).item()
+
+
+def key_geometry(model, sample) -> tuple[float, float]:
+    keys, head_dim = {}, model.config.head_dim
+    hooks = [
+        module.register_forward_hook(
+            lambda m, args, out, name=name: (
+                keys.__setitem__(name, out[0, :, :, head_dim : 2 * head_dim]) if args[0] == "write" else None
+            )
+        )
+        for name, module in model.named_modules()
+        if name.endswith("self_attn.memory")
+    ]
+    model(input_ids=sample["input_ids"], use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    start, end = needle_span(sample)
+    filler_filler, needle_filler = [], []
+    for layer_keys in keys.values():
+        for head in layer_keys:  # [T', D], unit rows
+            filler = torch.cat([head[:start], head[end:]])
+            needle = head[start + NEEDLE_MARGIN[0] : end - NEEDLE_MARGIN[1]]
+            filler_filler.append((filler @ filler.T).abs().mean().item())
+            needle_filler.append((needle @ filler.T).abs().mean().item())
+    return sum(filler_filler) / len(filler_filler), sum(needle_filler) / len(needle_filler)
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a delta file or name, or an extend checkpoint folder")
+    parser.add_argument("--lengths", default="1024,2048,4096")
+    parser.add_argument("--samples", type=int, default=2, help="samples per length and depth")
+    args = parser.parse_args()
+    model, tokenizer = load(args.model), load_source_tokenizer("smollm2")
+    mask = WriteMask(model)
+    print("| length | answer loss, all writes | answer loss, needle's writes only | exact match at depths 0 / 0.5 |")
+    print("|---|---|---|---|")
+    for index, length in enumerate(int(x) for x in args.lengths.split(",")):
+        task = PasskeyTask(PasskeyOptions(lengths=(length,), depths=DEPTHS, samples=args.samples))
+        fmt, generator, losses = task.format_for(tokenizer), seeded_generator(1), {"all": [], "needle": []}
+        samples = [task.build(fmt, length, d, generator) for d in DEPTHS for _ in range(args.samples)]
+        if index == 0:
+            filler_filler, needle_filler = key_geometry(model, samples[-1])
+        for sample in samples:
+            losses["all"].append(answer_loss(model, sample))
+            start, end = needle_span(sample)
+            mask.keep = torch.zeros(sample["input_ids"].shape[1], dtype=torch.bool)
+            mask.keep[start:end] = True
+            losses["needle"].append(answer_loss(model, sample))
+            mask.keep = None
+        exact = task.evaluate(model, tokenizer, seed=1, progress=False)["grid"][0]
+        mean = {kind: sum(v) / len(v) for kind, v in losses.items()}
+        cells = " / ".join(f"{e:g}" for e in exact)
+        print(f"| {length} | {mean['all']:.2f} | {mean['needle']:.2f} | {cells} |", flush=True)
+    print(
+        f"\nmemory keys at {args.lengths.split(',')[0]} tokens: mean |cos| filler-filler {filler_filler:.2f}, "
+        f"needle-filler {needle_filler:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
