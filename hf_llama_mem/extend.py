@@ -62,6 +62,7 @@ from .long_context_data import (
     as_tensors,
     sample_seed,
 )
+from .memory_layer import LlamaMemMemory
 from .training import memory_parameter_groups
 
 logger = logging.get_logger(__name__)
@@ -283,22 +284,10 @@ def load_model(src, settings: ExtendSettings) -> PreTrainedModel:
         overrides[name] = value if value is not None else inherited.get(name, default)
     if isinstance(src, LlamaMemForCausalLM) or is_llama_mem_folder(src):
         model = src if isinstance(src, LlamaMemForCausalLM) else AutoModelForCausalLM.from_pretrained(src)
-        config = model.config
-        layers = list(range(config.num_hidden_layers)) if config.memory_layers is None else config.memory_layers
-        wanted = {
-            "sliding_window": settings.sliding_window,
-            "memory_rule": settings.memory_rule,
-            "memory_layers": None if settings.memory_layers is None else sorted(settings.memory_layers),
-            "memory_projection_rank": settings.memory_projection_rank,
-            "memory_centering": settings.memory_centering,
-        }
-        have = {
-            "sliding_window": config.sliding_window,
-            "memory_rule": config.memory_rule,
-            "memory_layers": layers,
-            "memory_projection_rank": config.memory_projection_rank,
-            "memory_centering": config.memory_centering,
-        }
+        wanted = {name: getattr(settings, name) for name in CONVERSION_FIELDS}
+        if wanted["memory_layers"] is not None:
+            wanted["memory_layers"] = sorted(wanted["memory_layers"])
+        have = config_conversion(model.config)
         differ = [f"{k}: settings {v}, model {have[k]}" for k, v in wanted.items() if v is not None and v != have[k]]
         if differ:
             raise ValueError(f"SRC is already a LlamaMem model and differs from the settings: {'; '.join(differ)}.")
@@ -483,7 +472,7 @@ class WriteStrengths:
 
     def __enter__(self) -> "WriteStrengths":
         for module in self.model.modules():
-            if type(module).__name__ == "LlamaMemMemory":
+            if isinstance(module, LlamaMemMemory):
                 self.handles.append(module.register_forward_hook(self._record))
         return self
 
@@ -579,8 +568,14 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, stream, settings)
 # --- the delta ----------------------------------------------------------------------------------------------------
 
 
-def _layers_of(config) -> list[int]:
-    return list(range(config.num_hidden_layers)) if config.memory_layers is None else sorted(config.memory_layers)
+def config_conversion(config) -> dict:
+    """A LlamaMem config's CONVERSION_FIELDS, its memory layers listed (sorted) as a delta records them."""
+    conversion = {name: getattr(config, name) for name in CONVERSION_FIELDS}
+    if config.memory_layers is None:
+        conversion["memory_layers"] = list(range(config.num_hidden_layers))
+    else:
+        conversion["memory_layers"] = sorted(config.memory_layers)
+    return conversion
 
 
 def write_delta(path: Path, model: nn.Module, metadata: dict) -> Path:
@@ -616,9 +611,9 @@ CONVERSION_FIELDS_BEFORE = {"memory_projection_rank": 0, "memory_centering": Fal
 
 
 def delta_conversion(delta_path: str | os.PathLike) -> dict:
-    """The `from_llama` keywords of the conversion a delta applies to (W, memory rule, memory layers, rank)."""
+    """The `from_llama` keywords of the conversion a delta applies to (W, memory rule, memory layers, rank,
+    centring)."""
     meta = read_delta_metadata(delta_path)
-    # deltas written before the memory corrections existed have no rank: theirs is 0
     return {name: meta.get(name, CONVERSION_FIELDS_BEFORE.get(name)) for name in CONVERSION_FIELDS}
 
 
@@ -636,10 +631,10 @@ def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTra
         raise ValueError(
             f"apply_delta needs a LlamaMem model, got model_type {getattr(config, 'model_type', None)!r}."
         )
+    have = config_conversion(config)
     for name, value in delta_conversion(delta_path).items():
-        have = _layers_of(config) if name == "memory_layers" else getattr(config, name)
-        if value != have:
-            problems.append(f"{name}: delta {value!r}, model {have!r}")
+        if value != have[name]:
+            problems.append(f"{name}: delta {value!r}, model {have[name]!r}")
     for key, value in meta["source"]["config"].items():
         if key in SOURCE_FIELDS and value is not None and getattr(config, key, None) != value:
             problems.append(f"{key}: delta's source {value}, model {getattr(config, key, None)}")
@@ -834,11 +829,6 @@ def extend(
         digits=tuple(settings.digits),
         chat_fraction=settings.chat_fraction,
     )
-    offsets = [p for n, p in model.named_parameters() if n.endswith((".memory.key_offset", ".memory.query_offset"))]
-    if offsets and not any(offset.any() for offset in offsets):  # centring not set yet: a conversion, or old delta
-        rng = random.Random(sample_seed(settings.seed, "centering"))
-        text = data.generate("language_modelling", CENTERING_TOKENS + config.sliding_window, rng)
-        calibrate_centering(base_causal_lm(model), torch.tensor([text["input_ids"]]))
     curriculum = LengthCurriculum(
         settings.length_start, settings.length_end, settings.ramp_steps, settings.length_multiple
     )
@@ -867,6 +857,12 @@ def extend(
     else:
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
         log_path.unlink(missing_ok=True)
+    # After the resume: a checkpoint holds the offsets, so a resumed run skips this forward.
+    offsets = [p for n, p in model.named_parameters() if n.endswith((".memory.key_offset", ".memory.query_offset"))]
+    if offsets and not any(offset.any() for offset in offsets):  # not set yet: a conversion or an old delta
+        rng = random.Random(sample_seed(settings.seed, "centering"))
+        text = data.generate("language_modelling", CENTERING_TOKENS + config.sliding_window, rng)
+        calibrate_centering(base_causal_lm(model), torch.tensor([text["input_ids"]]))
     (output_dir / "settings.json").write_text(json.dumps(settings.to_json(), indent=2) + "\n")
 
     eval_samples = None
@@ -965,12 +961,8 @@ def extend(
     metadata = {
         "format": DELTA_FORMAT,
         "format_version": DELTA_FORMAT_VERSION,
-        "sliding_window": base_config.sliding_window,
-        "memory_layers": _layers_of(base_config),
-        "memory_rule": base_config.memory_rule,
+        **config_conversion(base_config),
         "memory_conv_size": base_config.memory_conv_size,
-        "memory_projection_rank": base_config.memory_projection_rank,
-        "memory_centering": base_config.memory_centering,
         "lora": (
             {
                 "rank": settings.lora_rank,
