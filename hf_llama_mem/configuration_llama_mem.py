@@ -69,6 +69,10 @@ class LlamaMemConfig(LlamaConfig):
             them to minus their means on sample text. A pretrained model's keys share a large common direction
             (on SmolLM2 the mean of unit memory keys has norm 0.6-0.99), so every write would overlap and erase every
             earlier one; centred keys keep a stored fact apart from later writes.
+        memory_token_gate (`bool`): a per-token term of the read's gate, a linear function of the token's hidden
+            state (one weight row per head), added to the per-head gate and starting at zero. With a per-head gate
+            alone every token gets the memory's read at the same strength, needed or not: on a pretrained model,
+            trained on retrieval, that costs the perplexity of ordinary text past W.
         memory_gate_init (`float`): starting value of the per-head gate on the memory read in a freshly initialised
             model. 1.0 (open) learns associative recall fastest; for language modelling from scratch, 0.0 with a
             larger learning rate on the memory parameters trained better in our runs (see examples/train_clm.py).
@@ -108,6 +112,7 @@ class LlamaMemConfig(LlamaConfig):
     memory_gate_init: float | int = 1.0
     memory_projection_rank: int = 0
     memory_centering: bool = False
+    memory_token_gate: bool = False
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):

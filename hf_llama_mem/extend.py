@@ -101,7 +101,12 @@ SOURCE_FIELDS = (
 # retrieval several times faster than the attention's own q and k (the same steps, the same data).
 DEFAULT_WINDOW = 256
 RECIPE_MIX = {"passkey": 1.0}
-DEFAULT_CONVERSION = {"memory_rule": "delta", "memory_projection_rank": 16, "memory_centering": True}
+DEFAULT_CONVERSION = {
+    "memory_rule": "delta",
+    "memory_projection_rank": 16,
+    "memory_centering": True,
+    "memory_token_gate": False,
+}
 # Tokens of training text the memory's centring offsets are calibrated on (calibrate_centering).
 CENTERING_TOKENS = 2048
 DEFAULT_WRITE_BIAS = -3.0
@@ -193,6 +198,14 @@ class ExtendSettings:
         metadata=_help(
             "when converting SRC: centred memory keys and queries (learned offsets, set at the start to minus their "
             f"means on training text; default {DEFAULT_CONVERSION['memory_centering']})"
+        ),
+    )
+    memory_token_gate: bool | None = field(
+        default=None,
+        metadata=_help(
+            "when converting SRC, or to add one to an --init-delta without it: a per-token term of the memory's read "
+            "gate, a linear function of the hidden state starting at zero; "
+            f"default {DEFAULT_CONVERSION['memory_token_gate']})"
         ),
     )
     write_bias_init: float | None = field(
@@ -588,7 +601,8 @@ def write_delta(path: Path, model: nn.Module, metadata: dict) -> Path:
 
 def read_delta_metadata(path: str | os.PathLike) -> dict:
     """The metadata of a delta file, JSON values decoded: format, sliding_window, memory_layers, memory_rule,
-    memory_conv_size, memory_projection_rank and memory_centering (absent in older deltas: 0 and False), lora,
+    memory_conv_size, memory_projection_rank, memory_centering and memory_token_gate (absent in older deltas: 0,
+    False and False), lora,
     source, settings, command, seed, data, training, versions, earlier_stages (a second stage's record of the
     stages before it)."""
     with safe_open(str(path), framework="pt") as f:
@@ -605,9 +619,18 @@ def read_delta_metadata(path: str | os.PathLike) -> dict:
 
 
 # The config fields a conversion must share with the delta it takes, as `from_llama` keywords.
-CONVERSION_FIELDS = ("sliding_window", "memory_rule", "memory_layers", "memory_projection_rank", "memory_centering")
+CONVERSION_FIELDS = (
+    "sliding_window",
+    "memory_rule",
+    "memory_layers",
+    "memory_projection_rank",
+    "memory_centering",
+    "memory_token_gate",
+)
 # What a delta written before a field existed was trained with.
-CONVERSION_FIELDS_BEFORE = {"memory_projection_rank": 0, "memory_centering": False}
+CONVERSION_FIELDS_BEFORE = {"memory_projection_rank": 0, "memory_centering": False, "memory_token_gate": False}
+# The parameters a delta trained without them applies to exactly as zeros (a later stage may add them).
+ADDABLE_PARAMETERS = {"memory_token_gate": ".memory.token_gate"}
 
 
 def delta_conversion(delta_path: str | os.PathLike) -> dict:
@@ -620,7 +643,9 @@ def delta_conversion(delta_path: str | os.PathLike) -> dict:
 def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTrainedModel:
     """Load a delta into a LlamaMem model in place: the memory tensors, and the LoRA factors merged into their
     projections as PEFT merges them (W + B @ A * alpha / r). Raises ValueError naming every mismatch (window, memory
-    layers, memory rule, dimensions, missing or extra tensors, shapes) before anything is changed."""
+    layers, memory rule, dimensions, missing or extra tensors, shapes) before anything is changed. A model with a
+    token gate (`memory_token_gate`) takes a delta trained without one: the gate's weights are set to zero, which
+    is that delta's model exactly."""
     from safetensors.torch import load_file
 
     meta = read_delta_metadata(delta_path)
@@ -632,8 +657,11 @@ def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTra
             f"apply_delta needs a LlamaMem model, got model_type {getattr(config, 'model_type', None)!r}."
         )
     have = config_conversion(config)
+    added = set()  # the suffixes of parameters the model has and the delta was trained without: they start at zero
     for name, value in delta_conversion(delta_path).items():
-        if value != have[name]:
+        if name in ADDABLE_PARAMETERS and value is False and have[name] is True:
+            added.add(ADDABLE_PARAMETERS[name])
+        elif value != have[name]:
             problems.append(f"{name}: delta {value!r}, model {have[name]!r}")
     for key, value in meta["source"]["config"].items():
         if key in SOURCE_FIELDS and value is not None and getattr(config, key, None) != value:
@@ -642,7 +670,8 @@ def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTra
     memory = {n for n in params if ".memory." in n}
     lora = meta.get("lora")
     factors = {n for n in tensors if ".lora_A." in n or ".lora_B." in n}
-    missing = sorted(memory - set(tensors))
+    zeroed = {n for n in memory if n.endswith(tuple(added))}
+    missing = sorted(memory - zeroed - set(tensors))
     extra = sorted(set(tensors) - memory - factors)
     if missing:
         problems.append(
@@ -681,7 +710,10 @@ def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTra
         )
     with torch.no_grad():
         for name in memory:
-            params[name].copy_(tensors[name])
+            if name in zeroed:
+                params[name].zero_()
+            else:
+                params[name].copy_(tensors[name])
         if merges:
             scaling = lora["alpha"] / lora["rank"]
             for target, a, b in merges:

@@ -43,7 +43,8 @@ class MemoryReadRMSNorm(nn.Module):
     def forward(
         self, read: torch.Tensor, query: torch.Tensor, gate: torch.Tensor, differentiable: bool = True
     ) -> torch.Tensor:
-        """read, query [B, T, H, D] float32; gate [H]. `differentiable`: the forward records gradients."""
+        """read, query [B, T, H, D] float32; gate [H] (per head) or [B, T, H] (per token and head, float32).
+        `differentiable`: the forward records gradients."""
         if differentiable:
             return _ReadNorm.apply(read, query, self.weight, gate, self.eps)
         # Nothing to differentiate (prefill, decode): the same arithmetic without an autograd Function's overhead,
@@ -52,14 +53,14 @@ class MemoryReadRMSNorm(nn.Module):
 
 
 def read_norm_forward(read, query, weight, gate, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """out = r * s * (weight gate) with s = (mean(r^2) + eps max(|q|^2, L2_EPS^2))^-1/2, per row of [B, T, H, D].
-    Returns out, s and where |q|^2 was above the floor (what the backward needs)."""
+    """out = r * s * (weight gate) with s = (mean(r^2) + eps max(|q|^2, L2_EPS^2))^-1/2, per row of [B, T, H, D];
+    gate [H] or [B, T, H]. Returns out, s and where |q|^2 was above the floor (what the backward needs)."""
     # Norms as reductions and products in place: on long inputs every full-size temporary costs.
     query_norm_sq = torch.linalg.vector_norm(query, dim=-1, keepdim=True).square_()
     unclamped = query_norm_sq > L2_EPS**2
     read_mean_sq = torch.linalg.vector_norm(read, dim=-1, keepdim=True).square_().div_(read.shape[-1])
     scale = read_mean_sq.add_(query_norm_sq.clamp_min_(L2_EPS**2), alpha=eps).rsqrt_()
-    return (read * scale).mul_(weight * gate[:, None]), scale, unclamped
+    return (read * scale).mul_(weight * gate[..., None]), scale, unclamped
 
 
 class _ReadNorm(torch.autograd.Function):
@@ -77,14 +78,18 @@ class _ReadNorm(torch.autograd.Function):
     def backward(ctx, out_grad):
         read, query, weight, gate, scale, unclamped = ctx.saved_tensors
         per_channel = (out_grad * read).mul_(scale)
-        weighted_grad = out_grad * (weight * gate[:, None])
+        weighted_grad = out_grad * (weight * gate[..., None])
         # d loss / d (mean(r^2) + eps |q|^2), through s = x^-1/2
         norm_grad = (weighted_grad * read).sum(-1, keepdim=True).mul_(scale.pow(3)).mul_(-0.5)
         read_grad = weighted_grad.mul_(scale).addcmul_(read, norm_grad, value=2.0 / read.shape[-1])
         query_grad = query * (norm_grad * unclamped).mul_(2.0 * ctx.eps)
-        per_channel = per_channel.sum((0, 1))  # [H, D]
-        weight_grad = (per_channel * gate[:, None]).sum(0)
-        gate_grad = (per_channel * weight).sum(-1)
+        if gate.dim() == 1:  # one gate per head: reduce over the tokens first, the cheaper order
+            per_channel = per_channel.sum((0, 1))  # [H, D]
+            weight_grad = (per_channel * gate[:, None]).sum(0)
+            gate_grad = (per_channel * weight).sum(-1)
+        else:  # a gate per token and head [B, T, H]
+            weight_grad = (per_channel * gate[..., None]).flatten(0, 2).sum(0)
+            gate_grad = (per_channel * weight).sum(-1)
         return read_grad, query_grad, weight_grad, gate_grad, None
 
 
@@ -169,6 +174,9 @@ class LlamaMemMemory(nn.Module):
         if config.memory_centering:  # [heads, D]: zero at the start; see LlamaMemConfig.memory_centering
             self.key_offset = nn.Parameter(torch.zeros(config.num_key_value_heads, config.head_dim))
             self.query_offset = nn.Parameter(torch.zeros(config.num_attention_heads, config.head_dim))
+        self.token_gate = None
+        if config.memory_token_gate:  # [heads, hidden]: zero at the start; see LlamaMemConfig.memory_token_gate
+            self.token_gate = nn.Parameter(torch.zeros(config.num_attention_heads, config.hidden_size))
 
     def forward(self, step: str, *args) -> torch.Tensor:
         """`step` "write" runs `entries(*args)`, "read" runs `read(*args)`. Both go through forward because module
@@ -244,7 +252,7 @@ class LlamaMemMemory(nn.Module):
         if layer_cache is not None and layer_cache.is_recurrent_states_initialized[0]:
             state = layer_cache.recurrent_states[0]
         if view.decoding:
-            return self.decode_read(query, window_values, window_entries, view, layer_cache, state)
+            return self.decode_read(hidden_states, query, window_values, window_entries, view, layer_cache, state)
         # With a cache the final state must include the token that leaves at the last step: one more stream entry,
         # read by a zero query.
         stream_length = length + (layer_cache is not None)
@@ -277,10 +285,21 @@ class LlamaMemMemory(nn.Module):
         )
         if layer_cache is not None:  # contiguous: a decode step updates it in place, as a view
             keep_memory_state(layer_cache, final_state.contiguous(), view.differentiable)
-        normed = self.read_norm(read[:, : reading.shape[1]], reading, self.gate, view.differentiable)
+        gate = self.read_gate(hidden_states[:, skipped:])
+        normed = self.read_norm(read[:, : reading.shape[1]], reading, gate, view.differentiable)
         return F.pad(normed, (0, 0, 0, 0, skipped, 0)) if skipped else normed
 
-    def decode_read(self, query, window_values, window_entries, view: WindowView, layer_cache, state) -> torch.Tensor:
+    def read_gate(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The gate on the read: the per-head gate [H], plus with `token_gate` a linear function of each token's
+        hidden state [B, T, H] (float32), so that a token can open the memory where it needs what is stored (a
+        question) and keep it shut where the read would only add noise (ordinary text)."""
+        if self.token_gate is None:
+            return self.gate
+        return self.gate.float() + F.linear(hidden_states, self.token_gate).float()
+
+    def decode_read(
+        self, hidden_states, query, window_values, window_entries, view: WindowView, layer_cache, state
+    ) -> torch.Tensor:
         """`read` for one new token with a cache (a decode step): read S, then fold in the token that leaves the
         window now, if the window is full: the general path's result (the reference recurrence over a no-op and that
         token) in a few products instead of a few dozen small ops per layer. S is updated in place in the cache, where
@@ -302,4 +321,5 @@ class LlamaMemMemory(nn.Module):
             else:
                 gated_delta_write_(state, key, value, g, beta)
         shape = (batch, 1, num_q_heads, head_dim)
-        return self.read_norm(read.view(shape), memory_query.view(shape), self.gate, view.differentiable)
+        gate = self.read_gate(hidden_states)
+        return self.read_norm(read.view(shape), memory_query.view(shape), gate, view.differentiable)

@@ -186,6 +186,10 @@ class LlamaMemPreTrainedModel(PreTrainedModel):
             # gate learns far more slowly, DESIGN.md section 1). Conversion from Llama closes it (`from_llama`),
             # which keeps the retrofit exact.
             init.constant_(module.gate, self.config.memory_gate_init)
+            # Zero at the start (a conversion stays exact), also where from_pretrained builds the model empty.
+            for extra in (module.key_offset, module.query_offset, module.token_gate):
+                if extra is not None:
+                    init.zeros_(extra)
             if module.gated:
                 low, high = DECAY_STEP_INIT_RANGE
                 step = torch.empty_like(module.decay_bias).uniform_(math.log(low), math.log(high)).exp()

@@ -11,9 +11,11 @@ from hf_llama_mem.memory_ops import gated_delta_write
 from .helpers import assert_close, tiny_model
 
 
-def test_read_norm_of_raw_query_equals_rms_norm_of_normalised_query_read():
-    """The fused read norm equals the definition, RMSNorm(S^T (q / |q|)) * gate per head, in value and gradient
-    (and without gradients, exactly its value with them); also for a query below the normalisation's floor."""
+@pytest.mark.parametrize("gate_shape", [(4,), (3, 5, 4)], ids=["per_head", "per_token"])
+def test_read_norm_of_raw_query_equals_rms_norm_of_normalised_query_read(gate_shape):
+    """The fused read norm equals the definition, RMSNorm(S^T (q / |q|)) * gate, with a gate per head or per token
+    and head (config.memory_token_gate), in value and gradient (and without gradients, exactly its value with them);
+    also for a query below the normalisation's floor."""
     fused, reference = MemoryReadRMSNorm(8, eps=0.5), LlamaRMSNorm(8, eps=0.5)  # an eps that matters
     with torch.no_grad():
         fused.weight.normal_()
@@ -21,11 +23,11 @@ def test_read_norm_of_raw_query_equals_rms_norm_of_normalised_query_read():
     for query_size in (torch.rand(3, 5, 4, 1) * 10, torch.full((3, 5, 4, 1), L2_EPS / 4)):  # assorted norms; tiny
         state = torch.randn(3, 4, 8, 8, requires_grad=True)  # [B, H, K, V]
         query = (torch.nn.functional.normalize(torch.randn(3, 5, 4, 8), dim=-1) * query_size).requires_grad_()
-        gate = torch.randn(4, requires_grad=True)
+        gate = torch.randn(gate_shape, requires_grad=True)
         read = torch.einsum("bthk,bhkv->bthv", query, state)
         unit_query = torch.nn.functional.normalize(query, dim=-1, eps=L2_EPS)
         out = fused(read, query, gate)
-        expected = reference(torch.einsum("bthk,bhkv->bthv", unit_query, state)) * gate[:, None]
+        expected = reference(torch.einsum("bthk,bhkv->bthv", unit_query, state)) * gate[..., None]
         assert_close(out, expected, 1e-5, "read norm")
         with torch.no_grad():  # the path without an autograd Function: the same arithmetic
             assert torch.equal(fused(read, query, gate), out)

@@ -1,6 +1,6 @@
-"""The memory's own parameters on its query and key: the low-rank corrections (config.memory_projection_rank) and
-the centring offsets (config.memory_centering). Each starts at zero, every computation path applies it the same way,
-and it changes only what the memory reads and writes."""
+"""The memory's own parameters: the low-rank corrections of its query and key (config.memory_projection_rank), the
+centring offsets (config.memory_centering) and the per-token read gate (config.memory_token_gate). Each starts at
+zero, every computation path applies it the same way, and it changes only what the memory reads and writes."""
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ from .test_cache import incremental_logits
 RANK = 4
 CORRECTIONS = ("_correction.down", "_correction.up")
 OFFSETS = (".memory.key_offset", ".memory.query_offset")
+TOKEN_GATE = (".memory.token_gate",)
 
 
 def with_random(model: LlamaMemForCausalLM, names: tuple[str, ...]) -> LlamaMemForCausalLM:
@@ -30,6 +31,7 @@ def with_random(model: LlamaMemForCausalLM, names: tuple[str, ...]) -> LlamaMemF
 KINDS = {
     "corrections": (dict(memory_projection_rank=RANK), CORRECTIONS, 4),
     "offsets": (dict(memory_centering=True), OFFSETS, 2),
+    "token_gate": (dict(memory_token_gate=True), TOKEN_GATE, 1),
 }
 kinds = pytest.mark.parametrize("kind", list(KINDS))
 
