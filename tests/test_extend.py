@@ -14,6 +14,7 @@ from transformers.testing_utils import CaptureLogger
 from hf_llama_mem import LlamaMemForCausalLM
 from hf_llama_mem.corpus import stdlib_source_files
 from hf_llama_mem.extend import (
+    DEFAULT_CONVERSION,
     DELTA_FILE,
     ExtendSettings,
     apply_delta,
@@ -85,10 +86,9 @@ def log_records(folder) -> list[dict]:
 
 
 def test_the_recipe_runs_end_to_end_and_the_gates_open(source, run):
-    # the recipe's conversion defaults: the delta rule, rank-16 memory corrections and centred keys and queries
-    converted = LlamaMemForCausalLM.from_llama(
-        source, sliding_window=WINDOW, memory_rule="delta", memory_projection_rank=16, memory_centering=True
-    )
+    # the recipe's conversion defaults: the delta rule, rank-16 memory corrections, centred keys and queries and the
+    # per-token read gate
+    converted = LlamaMemForCausalLM.from_llama(source, sliding_window=WINDOW, **DEFAULT_CONVERSION)
     gates = [p for n, p in converted.named_parameters() if n.endswith(".memory.gate")]
     assert gates and all(torch.all(g == 0) for g in gates)  # a conversion starts with the memory closed
     records = log_records(run)

@@ -32,7 +32,7 @@ def test_a_delta_with_a_token_gate_is_refused_by_a_model_without_one(source, tmp
 
 
 def test_a_later_stage_adds_a_token_gate_and_trains_it(source, tmp_path):  # noqa: F811
-    first = extend(source, tmp_path / "first", ExtendSettings(**{**SETTINGS, "steps": 1}))
+    first = extend(source, tmp_path / "first", ExtendSettings(**{**SETTINGS, "steps": 1, "memory_token_gate": False}))
     settings = ExtendSettings(**{**SETTINGS, "steps": 2, "init_delta": str(first), "memory_token_gate": True})
     second = extend(source, tmp_path / "second", settings)
     assert read_delta_metadata(first)["memory_token_gate"] is False
@@ -40,3 +40,4 @@ def test_a_later_stage_adds_a_token_gate_and_trains_it(source, tmp_path):  # noq
     model = apply_delta(LlamaMemForCausalLM.from_llama(source, **delta_conversion(second)), second)
     gates = [p for n, p in model.named_parameters() if n.endswith(TOKEN_GATE)]
     assert gates and all(p.abs().max() > 0 for p in gates)  # trained away from its zero start
+    assert ExtendSettings().memory_token_gate is None  # the default comes from DEFAULT_CONVERSION (True)

@@ -1,0 +1,66 @@
+"""Passkeys by length and depth, and perplexity by position past W, of an `extend` checkpoint or delta (SmolLM2).
+
+    python benchmarks/eval_extend_checkpoint.py RUN/checkpoints/step-000150 [--lengths 1024,2048,4096]
+        [--depths 0,0.25,0.5,0.75] [--samples 1] [--text FILE] [--tokens 4096] [--windowed]
+
+One JSON line: perplexity of the held-out text's first --tokens tokens below W, from W to 1K and from 1K on (by
+default the Python 2.6 "what's new", Debian's python3.11-doc: never trained on); then for each length the passkey
+evaluation's answer loss per token and exact match per depth (seed 1, --samples per depth). --windowed closes every
+memory gate first: the windowed model the checkpoint was converted from, on the same samples.
+"""
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from probe_memory_interference import load
+
+from hf_llama_mem.convert_llama import load_source_tokenizer
+from hf_llama_mem.evals.passkey import PasskeyOptions, PasskeyTask
+
+HELD_OUT = "/usr/share/doc/python3.11/html/_sources/whatsnew/2.6.rst.txt"
+
+
+def perplexity_by_position(model, ids: torch.LongTensor) -> dict:
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    nll = F.cross_entropy(logits, ids[0, 1:], reduction="none")  # nll[i]: token i + 1
+    window = model.config.sliding_window
+    bands = {"below W": (0, window - 1), "W to 1K": (window - 1, 1023), "1K on": (1023, len(nll))}
+    return {name: round(math.exp(nll[lo:hi].mean().item()), 2) for name, (lo, hi) in bands.items() if hi > lo}
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="an extend checkpoint folder, or a delta file or name")
+    parser.add_argument("--lengths", default="1024,2048,4096")
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75")
+    parser.add_argument("--samples", type=int, default=1, help="samples per length and depth")
+    parser.add_argument("--text", default=HELD_OUT)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--windowed", action="store_true", help="close the memory gates first")
+    args = parser.parse_args()
+    model, tokenizer = load(args.model), load_source_tokenizer("smollm2")
+    if args.windowed:
+        for name, param in model.named_parameters():
+            if name.endswith((".memory.gate", ".memory.token_gate")):
+                param.zero_()
+    start = time.time()
+    ids = tokenizer(open(args.text).read(), return_tensors="pt").input_ids[:, : args.tokens]
+    result = {"model": args.model, "windowed": args.windowed, "perplexity": perplexity_by_position(model, ids)}
+    depths = tuple(float(d) for d in args.depths.split(","))
+    for length in (int(x) for x in args.lengths.split(",")):
+        task = PasskeyTask(PasskeyOptions(lengths=(length,), depths=depths, samples=args.samples))
+        result[f"passkey {length}"] = {
+            "answer_loss": round(task.answer_loss(model, tokenizer, seed=1), 3),
+            "exact_by_depth": task.evaluate(model, tokenizer, seed=1, progress=False)["grid"][0],
+        }
+    result["seconds"] = round(time.time() - start)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
