@@ -105,7 +105,7 @@ DEFAULT_CONVERSION = {
     "memory_rule": "delta",
     "memory_projection_rank": 16,
     "memory_centering": True,
-    "memory_token_gate": True,
+    "memory_token_gate": False,
 }
 # Tokens of training text the memory's centring offsets are calibrated on (calibrate_centering).
 CENTERING_TOKENS = 2048
@@ -124,8 +124,9 @@ class ExtendSettings:
     passkeys alone, at 512 tokens (the needle at least W back), 275 steps of 2 samples at a constant learning rate,
     memory parameters only; plus centred memory keys and queries (`memory_centering`), which came after the shipped
     delta: at equal steps it lowered the held-out answer loss at every length measured, 1K to 4K (README, "Long
-    context from a pretrained Llama"), and the per-token read gate (`memory_token_gate`), which at equal steps of a
-    later stage cut the perplexity past W by a third with retrieval about level. The shipped delta's next two stages
+    context from a pretrained Llama"). The per-token read gate (`memory_token_gate`) is opt-in: at equal steps of a
+    later stage (3e-3) it cut the perplexity past W by a third with retrieval about level, but from a conversion at
+    stage 1's 1e-2 it raised the held-out loss in the first steps. The shipped delta's next two stages
     start from the previous stage's delta (`init_delta`), each with its own seed, a learning rate of 3e-3 and a
     cosine schedule: 125 steps of passkeys (annealing), and 100 steps of passkeys and language modelling half and
     half, which undoes what passkeys alone did to the perplexity beyond W. Passkeys first, because the five-kind mix

@@ -86,8 +86,7 @@ def log_records(folder) -> list[dict]:
 
 
 def test_the_recipe_runs_end_to_end_and_the_gates_open(source, run):
-    # the recipe's conversion defaults: the delta rule, rank-16 memory corrections, centred keys and queries and the
-    # per-token read gate
+    # the recipe's conversion defaults: the delta rule, rank-16 memory corrections, centred keys and queries
     converted = LlamaMemForCausalLM.from_llama(source, sliding_window=WINDOW, **DEFAULT_CONVERSION)
     gates = [p for n, p in converted.named_parameters() if n.endswith(".memory.gate")]
     assert gates and all(torch.all(g == 0) for g in gates)  # a conversion starts with the memory closed

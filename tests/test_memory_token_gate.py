@@ -40,4 +40,4 @@ def test_a_later_stage_adds_a_token_gate_and_trains_it(source, tmp_path):  # noq
     model = apply_delta(LlamaMemForCausalLM.from_llama(source, **delta_conversion(second)), second)
     gates = [p for n, p in model.named_parameters() if n.endswith(TOKEN_GATE)]
     assert gates and all(p.abs().max() > 0 for p in gates)  # trained away from its zero start
-    assert ExtendSettings().memory_token_gate is None  # the default comes from DEFAULT_CONVERSION (True)
+    assert ExtendSettings().memory_token_gate is None  # the default comes from DEFAULT_CONVERSION (False)
