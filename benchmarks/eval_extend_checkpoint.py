@@ -13,20 +13,22 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from probe_memory_interference import load
+from tqdm.auto import tqdm
 
 from hf_llama_mem.convert_llama import load_source_tokenizer
 from hf_llama_mem.evals.passkey import PasskeyOptions, PasskeyTask
+from hf_llama_mem.evals.perplexity import PerplexityByPosition
 
 HELD_OUT = "/usr/share/doc/python3.11/html/_sources/whatsnew/2.6.rst.txt"
 
 
 def perplexity_by_position(model, ids: torch.LongTensor) -> dict:
-    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-    nll = F.cross_entropy(logits, ids[0, 1:], reduction="none")  # nll[i]: token i + 1
+    """The perplexity evaluation's per-token losses (read through the cache), in three bands of position."""
+    nll = PerplexityByPosition(max_tokens=ids.shape[1]).stream_losses(model, ids, tqdm(disable=True))  # token i + 1
     window = model.config.sliding_window
     bands = {"below W": (0, window - 1), "W to 1K": (window - 1, 1023), "1K on": (1023, len(nll))}
     return {name: round(math.exp(nll[lo:hi].mean().item()), 2) for name, (lo, hi) in bands.items() if hi > lo}
@@ -49,7 +51,7 @@ def main() -> None:
             if name.endswith((".memory.gate", ".memory.token_gate")):
                 param.zero_()
     start = time.time()
-    ids = tokenizer(open(args.text).read(), return_tensors="pt").input_ids[:, : args.tokens]
+    ids = tokenizer(Path(args.text).read_text(), return_tensors="pt").input_ids[:, : args.tokens]
     result = {"model": args.model, "windowed": args.windowed, "perplexity": perplexity_by_position(model, ids)}
     depths = tuple(float(d) for d in args.depths.split(","))
     for length in (int(x) for x in args.lengths.split(",")):

@@ -605,9 +605,8 @@ def write_delta(path: Path, model: nn.Module, metadata: dict) -> Path:
 def read_delta_metadata(path: str | os.PathLike) -> dict:
     """The metadata of a delta file, JSON values decoded: format, sliding_window, memory_layers, memory_rule,
     memory_conv_size, memory_projection_rank, memory_centering and memory_token_gate (absent in older deltas: 0,
-    False and False), lora,
-    source, settings, command, seed, data, training, versions, earlier_stages (a second stage's record of the
-    stages before it)."""
+    False and False), lora, source, settings, command, seed, data, training, versions, earlier_stages (a second
+    stage's record of the stages before it)."""
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
     if raw.get("format") != DELTA_FORMAT:
