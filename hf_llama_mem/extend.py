@@ -172,6 +172,13 @@ class ExtendSettings:
         default=None, metadata=_help("tokens between each needed statement and the question (default: W)")
     )
     digits: list[int] = field(default_factory=lambda: [4, 5, 6, 7], metadata=_help("lengths of the numbers"))
+    answer_end: bool = field(
+        default=False,
+        metadata=_help(
+            "label what ends an answer too (a period; in the chat template, the end of the turn), so that a reply "
+            "stops after the number instead of running on in digits"
+        ),
+    )
     checkpoint_every: int = field(default=25, metadata=_help("steps between checkpoints"))
     keep_checkpoints: int = field(default=2, metadata=_help("checkpoints kept (older ones are deleted)"))
     eval_every: int = field(default=0, metadata=_help("steps between losses on held-out samples (0: none)"))
@@ -862,6 +869,7 @@ def extend(
         min_gap=min_gap,
         digits=tuple(settings.digits),
         chat_fraction=settings.chat_fraction,
+        answer_end=settings.answer_end,
     )
     curriculum = LengthCurriculum(
         settings.length_start, settings.length_end, settings.ramp_steps, settings.length_multiple
@@ -903,7 +911,7 @@ def extend(
     if settings.eval_every:
         eval_data = LongContextData(
             tokenizer, NaturalText.for_split(tokenizer, "eval"), min_gap=min_gap, digits=tuple(settings.digits),
-            chat_fraction=settings.chat_fraction,
+            chat_fraction=settings.chat_fraction, answer_end=settings.answer_end,
         )  # fmt: skip
         eval_mix = Mix(dict(settings.mix))
         eval_samples = []

@@ -300,6 +300,9 @@ class LongContextData:
         haystacks: weights of the haystack styles "natural", "repeated" and "mixed".
         chat_fraction: the share of retrieval samples put in the tokenizer's chat template (context and question as
             the user's turn, the answer as the assistant's); 0 for tokenizers without one.
+        answer_end: label what ends the answer too: a period, and in the chat template the end of the assistant's
+            turn. Without it nothing teaches the model to stop after the number, and a greedy reply runs on in
+            digits ("7350000..." for 7350), which a whole-word match scores wrong.
     """
 
     def __init__(
@@ -310,8 +313,10 @@ class LongContextData:
         digits: tuple[int, ...] = (4, 5, 6, 7),
         haystacks: dict[str, float] | None = None,
         chat_fraction: float = 0.0,
+        answer_end: bool = False,
     ):
         self.tokenizer = tokenizer
+        self.answer_end = answer_end
         self.text = text if text is not None else NaturalText.for_split(tokenizer, "train")
         self.min_gap = min_gap
         self.digits = tuple(digits)
@@ -336,6 +341,7 @@ class LongContextData:
             "digits": list(self.digits),
             "haystacks": self.haystacks,
             "chat_fraction": self.chat_fraction,
+            "answer_end": self.answer_end,
             "fact_templates": len(FACT_TEMPLATES),
         }
 
@@ -348,8 +354,9 @@ class LongContextData:
         digits = rng.choice(self.digits)
         return str(rng.randrange(10 ** (digits - 1), 10**digits)) if digits > 1 else str(rng.randrange(10))
 
-    def _chat_parts(self) -> tuple[list[int], list[int]] | None:
-        """Token ids before the user's turn and between the user's turn and the assistant's text."""
+    def _chat_parts(self) -> tuple[list[int], list[int], list[int]] | None:
+        """Token ids before the user's turn, between the user's turn and the assistant's text, and the first token
+        after that text (what ends the assistant's turn; none if the template adds nothing there)."""
         if getattr(self.tokenizer, "chat_template", None) is None:
             return None
         user, reply = "\x01USER\x01", "\x01REPLY\x01"
@@ -359,8 +366,8 @@ class LongContextData:
         if user not in text or reply not in text:
             return None
         head, rest = text.split(user, 1)
-        middle = rest.split(reply, 1)[0]
-        return self.encode(head), self.encode(middle)
+        middle, after = rest.split(reply, 1)
+        return self.encode(head), self.encode(middle), self.encode(after)[:1]
 
     def repeated(self, n: int, rng: random.Random) -> tuple[list[int], list[int]]:
         """n tokens of a few everyday sentences repeated in a cycle, and the sentence starts."""
@@ -403,8 +410,10 @@ class LongContextData:
         `min_gap` tokens before the question), then the question and the labelled answer."""
         answer_ids = self.encode(" " + answer)
         chat = self.chat is not None and rng.random() < self.chat_fraction
+        if self.answer_end:
+            answer_ids += self.encode(".") + (self.chat[2] if chat else [])
         if chat:
-            head, middle = self.chat
+            head, middle, _ = self.chat
             tail = self.encode("\n\n" + question) + middle + self.encode(answer_prefix)
         else:
             head = []
@@ -437,7 +446,8 @@ class LongContextData:
         longest style, the answer and min_gap tokens of filler take the rest."""
         head = len(self.chat[0]) + len(self.chat[1]) if self.chat is not None else 0
         asked = self.encode(QUESTION_STYLES[2].format(q=question, a=answer_prefix)) + self.encode(" " + answer)
-        return length - len(self.prefix) - head - len(asked) - self.min_gap
+        end = len(self.encode(".")) + (len(self.chat[2]) if self.chat is not None else 0) if self.answer_end else 0
+        return length - len(self.prefix) - head - len(asked) - end - self.min_gap
 
     def statement(self, text: str, rng: random.Random) -> list[int]:
         """A statement as its own line or inline between sentences."""

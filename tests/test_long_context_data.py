@@ -69,6 +69,25 @@ def test_every_kind_has_the_exact_length_and_labels_only_on_the_answer(data, tok
         assert set(labels[: -len(answer)]) == {-100}  # and nothing else is
 
 
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "language_modelling"])
+def test_answer_end_labels_the_period_and_the_end_of_the_chat_turn(tokenizer, text, kind):
+    chat_tokenizer = ByT5Tokenizer()
+    chat_tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}#{% endfor %}"
+    data = LongContextData(chat_tokenizer, text, min_gap=MIN_GAP, chat_fraction=0.5, answer_end=True)
+    endings = set()
+    for seed in range(8):
+        sample = data.generate(kind, 500, seed)
+        ids, labels = sample["input_ids"], sample["labels"]
+        chat = as_bytes(ids).startswith(b"<user>")
+        end = b"." + (b"#" if chat else b"")  # "#" ends the template's assistant turn
+        answer = as_bytes(tokenizer(" " + sample["answer"], add_special_tokens=False).input_ids) + end
+        labelled = [i for i in labels if i != -100]
+        assert len(ids) == 500 and as_bytes(labelled) == answer and as_bytes(ids).endswith(answer)
+        assert labels[-len(labelled) :] == labelled  # the labelled tokens end the sample, together
+        endings.add(chat)
+    assert endings == {True, False}  # both kinds of ending were drawn
+
+
 @pytest.mark.parametrize("kind", ["passkey", "multi_needle", "kv_lookup"])
 def test_the_asked_statement_ends_at_least_min_gap_tokens_before_the_question(data, kind):
     for seed in range(6):
