@@ -179,6 +179,9 @@ class ExtendSettings:
             "stops after the number instead of running on in digits"
         ),
     )
+    word_answers: float = field(
+        default=0.0, metadata=_help("share of passkey samples whose fact has a name, not a number, for an answer")
+    )
     checkpoint_every: int = field(default=25, metadata=_help("steps between checkpoints"))
     keep_checkpoints: int = field(default=2, metadata=_help("checkpoints kept (older ones are deleted)"))
     eval_every: int = field(default=0, metadata=_help("steps between losses on held-out samples (0: none)"))
@@ -262,8 +265,9 @@ class ExtendSettings:
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
         if self.lora_rank and not self.lora_targets:
             raise ValueError("lora_rank > 0 needs at least one LoRA target module.")
-        if not 0.0 <= self.chat_fraction <= 1.0:
-            raise ValueError(f"chat_fraction must be in [0, 1], got {self.chat_fraction}.")
+        for name in ("chat_fraction", "word_answers"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
         Mix(dict(self.mix))  # checks the kinds and weights
 
     def to_json(self) -> dict:
@@ -870,6 +874,7 @@ def extend(
         digits=tuple(settings.digits),
         chat_fraction=settings.chat_fraction,
         answer_end=settings.answer_end,
+        word_answers=settings.word_answers,
     )
     curriculum = LengthCurriculum(
         settings.length_start, settings.length_end, settings.ramp_steps, settings.length_multiple
@@ -911,7 +916,7 @@ def extend(
     if settings.eval_every:
         eval_data = LongContextData(
             tokenizer, NaturalText.for_split(tokenizer, "eval"), min_gap=min_gap, digits=tuple(settings.digits),
-            chat_fraction=settings.chat_fraction, answer_end=settings.answer_end,
+            chat_fraction=settings.chat_fraction, answer_end=settings.answer_end, word_answers=settings.word_answers,
         )  # fmt: skip
         eval_mix = Mix(dict(settings.mix))
         eval_samples = []

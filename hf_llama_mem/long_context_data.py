@@ -3,7 +3,8 @@
 Five kinds (`KINDS`), each a method of `LongContextData` that returns {"input_ids", "labels", "kind", "answer"}:
 
 - "passkey": one fact with a number ("Note: the access code for the juniper vault is 48213.") hidden at a random
-  depth in a haystack, asked for at the end ("What is the access code for the juniper vault? ...").
+  depth in a haystack, asked for at the end ("What is the access code for the juniper vault? ..."); with
+  `word_answers`, some facts have a name for an answer instead ("Amara's dog is called Brindle.").
 - "multi_needle": 2-6 such facts from different templates and subjects, asked for one by its subject; the others
   are distractors (same template and another subject, or the same subject under another template).
 - "kv_lookup": a list of "name: number" records (three layouts) inside the haystack; one record's number is asked.
@@ -79,6 +80,27 @@ FACT_TEMPLATES = (
     ("person", "For the record, {s} keeps the spare key in drawer number {n}.",
      "In which drawer does {s} keep the spare key?", "{s} keeps the spare key in drawer number"),
 )  # fmt: skip
+# Facts with a name for an answer ({n}), for `word_answers`: a memory trained on numbers alone answers every
+# question in digits, also where the fact was a name.
+NAME_FACT_TEMPLATES = (
+    ("person", "{s}'s dog is called {n}, after an old family friend.", "What is {s}'s dog called?",
+     "{s}'s dog is called"),
+    ("word", "The boat moored at the {s} pier is named {n}.", "What is the boat moored at the {s} pier named?",
+     "The boat moored at the {s} pier is named"),
+    ("person", "{s} grew up in a small town called {n}.", "In which town did {s} grow up?",
+     "{s} grew up in a small town called"),
+    ("person", "Just so you know, {s}'s new neighbour is called {n}.", "What is the name of {s}'s new neighbour?",
+     "{s}'s new neighbour is called"),
+    ("word", "Note: the {s} hotel is run by a woman named {n}.", "Who runs the {s} hotel?",
+     "The {s} hotel is run by a woman named"),
+    ("person", "{s} named the new goldfish {n}.", "What did {s} name the new goldfish?", "{s} named the new goldfish"),
+)  # fmt: skip
+# The answers of NAME_FACT_TEMPLATES: invented names and places, none of them the chat-recall evaluation's.
+NAME_ANSWERS = (
+    "Brindle Calloway Dorrit Fenwick Galloway Harrowgate Ingleby Jessamy Kestrel Larkspur Marlowe Nettlefold Orrin "
+    "Pellworth Quimby Rowanne Selwyn Tamarind Ulverby Varley Whitcombe Yarrowby Zennor Alderley Birchholt Corvina "
+    "Dunmore Elsworth Fairleigh Gresham Hollis Juniperra Kittering Lowther Mossley Nimby Ottoline Pimms Ravensworth"
+).split()
 WORDS = (
     "juniper cobalt heron saffron granite willow marigold falcon copper lantern orchid basalt thistle harbor meadow "
     "cedar quartz velvet ember maple pebble sparrow tundra walnut indigo canyon beacon clover glacier hazel ivory "
@@ -303,6 +325,7 @@ class LongContextData:
         answer_end: label what ends the answer too: a period, and in the chat template the end of the assistant's
             turn. Without it nothing teaches the model to stop after the number, and a greedy reply runs on in
             digits ("7350000..." for 7350), which a whole-word match scores wrong.
+        word_answers: the share of passkey samples whose fact has a name for an answer (NAME_FACT_TEMPLATES).
     """
 
     def __init__(
@@ -314,9 +337,13 @@ class LongContextData:
         haystacks: dict[str, float] | None = None,
         chat_fraction: float = 0.0,
         answer_end: bool = False,
+        word_answers: float = 0.0,
     ):
         self.tokenizer = tokenizer
         self.answer_end = answer_end
+        if not 0.0 <= word_answers <= 1.0:
+            raise ValueError(f"word_answers must be in [0, 1], got {word_answers}.")
+        self.word_answers = word_answers
         self.text = text if text is not None else NaturalText.for_split(tokenizer, "train")
         self.min_gap = min_gap
         self.digits = tuple(digits)
@@ -342,6 +369,7 @@ class LongContextData:
             "haystacks": self.haystacks,
             "chat_fraction": self.chat_fraction,
             "answer_end": self.answer_end,
+            "word_answers": self.word_answers,
             "fact_templates": len(FACT_TEMPLATES),
         }
 
@@ -467,10 +495,13 @@ class LongContextData:
     # --- the kinds ----------------------------------------------------------------------------------------------
 
     def passkey(self, length: int, rng: random.Random) -> dict:
-        template = rng.choice(FACT_TEMPLATES)
-        number = self.number(rng)
-        statement, question, prefix = self.fact(template, self.subject(template, rng, set()), number)
-        return self.assemble("passkey", [self.statement(statement, rng)], question, prefix, number, length, rng)
+        # No draw at word_answers = 0, so that the samples of runs without it stay what they were.
+        if self.word_answers and rng.random() < self.word_answers:
+            template, answer = rng.choice(NAME_FACT_TEMPLATES), rng.choice(NAME_ANSWERS)
+        else:
+            template, answer = rng.choice(FACT_TEMPLATES), self.number(rng)
+        statement, question, prefix = self.fact(template, self.subject(template, rng, set()), answer)
+        return self.assemble("passkey", [self.statement(statement, rng)], question, prefix, answer, length, rng)
 
     def multi_needle(self, length: int, rng: random.Random) -> dict:
         count = rng.randint(2, 6)

@@ -9,6 +9,7 @@ from transformers import ByT5Tokenizer
 
 from hf_llama_mem import long_context_data as lcd
 from hf_llama_mem.corpus import python_docs_files, python_docs_root, stdlib_source_files
+from hf_llama_mem.evals.chat_recall import FACTS
 from hf_llama_mem.evals.passkey import FILLER
 from hf_llama_mem.long_context_data import (
     KINDS,
@@ -120,19 +121,34 @@ def test_samples_are_a_function_of_their_seed(data):
 
 def test_the_templates_are_not_the_passkey_evals_nor_rulers(tokenizer, text):
     own_text = " ".join(
-        [part for template in lcd.FACT_TEMPLATES for part in template[1:]]
+        [part for template in lcd.FACT_TEMPLATES + lcd.NAME_FACT_TEMPLATES for part in template[1:]]
         + list(lcd.SENTENCES)
         + list(lcd.QUESTION_STYLES)
         + [part for style in lcd.RECORD_STYLES for part in style]
         + [part for question in lcd.RECORD_QUESTIONS for part in question]
         + list(lcd.VARIABLE_STYLES)
     )
-    repeated_only = LongContextData(tokenizer, text, haystacks={"repeated": 1.0})
+    repeated_only = LongContextData(tokenizer, text, haystacks={"repeated": 1.0}, word_answers=0.5)
     samples = [repeated_only.generate(kind, 900, seed) for kind in KINDS[:-1] for seed in range(5)]
     decoded = [as_bytes(s["input_ids"]).decode(errors="replace") for s in samples]
     for phrase in EVAL_PHRASES:
         assert phrase.lower() not in own_text.lower(), phrase
         assert not any(phrase.lower() in d.lower() for d in decoded), phrase
+
+
+def test_word_answers_ask_for_names_that_the_chat_recall_evaluation_never_uses(tokenizer, text, data):
+    words = LongContextData(tokenizer, text, min_gap=MIN_GAP, word_answers=0.5)
+    answers = [words.generate("passkey", 500, seed)["answer"] for seed in range(40)]
+    named = [a for a in answers if not a.isdigit()]
+    assert 5 < len(named) < 35 and set(named) <= set(lcd.NAME_ANSWERS)
+    assert not set(lcd.NAME_ANSWERS) & {fact.answer for fact in FACTS}  # the evaluation's answers stay held out
+    # Without word answers the samples are what they were before the option existed (no extra draw).
+    assert [data.generate("passkey", 500, seed) for seed in range(5)] == [
+        LongContextData(tokenizer, text, min_gap=MIN_GAP, word_answers=0.0).generate("passkey", 500, seed)
+        for seed in range(5)
+    ]
+    with pytest.raises(ValueError, match="word_answers must be in \\[0, 1\\], got 1.5"):
+        LongContextData(tokenizer, text, word_answers=1.5)
 
 
 def test_too_short_a_length_is_refused_by_name(data):
