@@ -82,7 +82,9 @@ DELTA_FILE = "memory_delta.safetensors"
 DELTA_FORMAT = "hf_llama_mem.memory_delta"
 DELTA_FORMAT_VERSION = "1"
 # Settings that may change between a run and its resumption (they do not change what is trained).
-RESUMABLE_CHANGES = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples", "progress", "save_model")
+RESUMABLE_CHANGES = (
+    "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples", "progress", "save_model", "stop_at",
+)  # fmt: skip
 # Source config fields recorded in the delta and checked when it is applied.
 SOURCE_FIELDS = (
     "vocab_size",
@@ -135,6 +137,14 @@ class ExtendSettings:
     """
 
     steps: int = field(default=275, metadata=_help("optimizer steps"))
+    stop_at: int | None = field(
+        default=None,
+        metadata=_help(
+            "end the run after this step and write its delta, the schedule and length ramp staying those of --steps: "
+            "an earlier point of the same run (e.g. the checkpoint that did best on a held-out format); resumes from "
+            "the last checkpoint up to it"
+        ),
+    )
     batch_size: int = field(default=2, metadata=_help("samples per step (each weighs the same in the loss)"))
     micro_batch_size: int = field(default=1, metadata=_help("samples per forward (gradients accumulate)"))
     length_start: int = field(default=512, metadata=_help("sample length (tokens) at step 0"))
@@ -256,6 +266,8 @@ class ExtendSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.length_end < self.length_start:
             raise ValueError(f"length_end ({self.length_end}) must be >= length_start ({self.length_start}).")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at must be between 1 and steps ({self.steps}), got {self.stop_at}.")
         if not 0.0 <= self.length_ramp <= 1.0:
             raise ValueError(f"length_ramp must be in [0, 1], got {self.length_ramp}.")
         for name in ("warmup_steps", "lora_rank", "eval_every", "keep_checkpoints", "eval_samples", "write_sparsity"):
@@ -272,6 +284,11 @@ class ExtendSettings:
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
+
+    @property
+    def last_step(self) -> int:
+        """The step the run ends after: stop_at, or the last of the schedule."""
+        return self.steps if self.stop_at is None else self.stop_at
 
     @property
     def ramp_steps(self) -> int:
@@ -567,14 +584,16 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, stream, settings)
     state = torch.load(folder / "state.pt", weights_only=True)
     saved = json.loads(state["settings"])
     current = settings.to_json()
+    # A field added since the checkpoint was saved had its default value in that run.
+    saved = {**ExtendSettings().to_json(), **saved}
     resumable = set(RESUMABLE_CHANGES)
     if more_steps_continue_the_run(saved, settings, state["step"]):
         resumable.add("steps")
-    differ = [k for k in current if k not in resumable and saved.get(k) != current[k]]
+    differ = [k for k in current if k not in resumable and saved[k] != current[k]]
     if differ:
         raise ValueError(
             f"The checkpoint {folder} was made with other settings ({', '.join(differ)}: "
-            f"{ {k: saved.get(k) for k in differ} } there, { {k: current[k] for k in differ} } here); "
+            f"{ {k: saved[k] for k in differ} } there, { {k: current[k] for k in differ} } here); "
             "use the same settings, another output folder, or resume=False."
         )
     tensors = load_file(folder / "trained.safetensors")
@@ -897,6 +916,12 @@ def extend(
     log_path = output_dir / "log.jsonl"
     start = 0
     checkpoints = checkpoint_dirs(output_dir)
+    later = [c.name for c in checkpoints if settings.stop_at and int(c.name[5:]) > settings.stop_at]
+    if resume and later:
+        raise ValueError(
+            f"{output_dir} holds checkpoints past stop_at={settings.stop_at} ({', '.join(later)}), which this run "
+            "would discard: run it in a new folder holding a copy of the checkpoint to stop at (checkpoints/step-N)."
+        )
     if resume and checkpoints:
         start = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, stream, settings)
         _truncate_log(log_path, start)
@@ -945,9 +970,11 @@ def extend(
 
     if eval_samples and start == 0:
         evaluate(0)
-    bar = tqdm(total=settings.steps, initial=start, desc="extend", disable=not settings.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=settings.last_step, initial=start, desc="extend", disable=not settings.progress, dynamic_ncols=True
+    )
     with WriteStrengths(model) as meter:
-        for step in range(start, settings.steps):
+        for step in range(start, settings.last_step):
             began = time.perf_counter()
             samples = stream.batch(step)
             stream.next_step = step + 1
@@ -985,12 +1012,12 @@ def extend(
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             done = step + 1
-            if done % settings.checkpoint_every == 0 or done == settings.steps:
+            if done % settings.checkpoint_every == 0 or done == settings.last_step:
                 save_checkpoint(
                     output_dir, done, model, optimizer, scheduler, stream, settings, settings.keep_checkpoints
                 )
                 plot_log(log_path, output_dir / "loss_gate.png")
-            if eval_samples and (done % settings.eval_every == 0 or done == settings.steps):
+            if eval_samples and (done % settings.eval_every == 0 or done == settings.last_step):
                 evaluate(done)
             bar.update(1)
             bar.set_postfix(
@@ -1030,10 +1057,11 @@ def extend(
             "mix": dict(settings.mix),
             "lengths": {"start": settings.length_start, "end": settings.length_end, "ramp_steps": settings.ramp_steps},
             "batch_size": settings.batch_size,
-            "samples_seen": settings.steps * settings.batch_size,
+            "samples_seen": settings.last_step * settings.batch_size,
         },
         "training": {
-            "steps": settings.steps,
+            "steps": settings.last_step,
+            "schedule_steps": settings.steps,
             "trained_parameters": sum(p.numel() for p in trained),
             "final_loss": sum(r["loss"] for r in train_records[-10:]) / max(1, len(train_records[-10:])),
             "mean_abs_gate": None if gates is None else gates.abs().mean().item(),

@@ -137,6 +137,44 @@ def test_a_finished_run_given_more_steps_ends_as_the_longer_run(source, tmp_path
         extend(source, tmp_path / "three", ExtendSettings(**{**settings, "steps": 9, "lr_schedule": "cosine"}))
 
 
+def test_stop_at_writes_the_delta_of_an_earlier_point_of_the_same_run(source, run, tmp_path):
+    """stop_at=3 of a 6-step schedule: trained from scratch, or resumed from the full run's step-3 checkpoint, the
+    delta is that checkpoint's tensors; a folder holding later checkpoints is refused rather than cut back."""
+    settings = ExtendSettings(**{**SETTINGS, "stop_at": 3})
+    at_three = load_file(run / "checkpoints" / "step-000003" / "trained.safetensors")
+    fresh = extend(source, tmp_path / "fresh", settings)
+    assert [r["step"] for r in log_records(tmp_path / "fresh")] == [1, 2, 3]
+    meta = read_delta_metadata(fresh)
+    assert meta["training"]["steps"] == 3 and meta["training"]["schedule_steps"] == 6
+    assert meta["data"]["samples_seen"] == 3 * SETTINGS["batch_size"]
+    copied = tmp_path / "copied"
+    shutil.copytree(run / "checkpoints" / "step-000003", copied / "checkpoints" / "step-000003")
+    shutil.copy(run / "log.jsonl", copied / "log.jsonl")
+    resumed = extend(source, copied, settings)  # resumes at step 3: no step left to run
+    assert [r["step"] for r in log_records(copied)] == [1, 2, 3]
+    for name, tensor in at_three.items():
+        assert_close(load_file(fresh)[name], tensor, 1e-6, name)
+        assert_close(load_file(resumed)[name], tensor, 0.0, name)
+    shutil.copytree(run, tmp_path / "whole")
+    with pytest.raises(ValueError, match="checkpoints past stop_at=3 \\(step-000006\\)"):
+        extend(source, tmp_path / "whole", settings)
+    with pytest.raises(ValueError, match="stop_at must be between 1 and steps \\(6\\), got 7"):
+        ExtendSettings(**{**SETTINGS, "stop_at": 7})
+
+
+def test_a_checkpoint_saved_before_a_setting_existed_resumes_with_its_default(source, run, tmp_path):
+    shutil.copytree(run / "checkpoints" / "step-000003", tmp_path / "checkpoints" / "step-000003")
+    state_path = tmp_path / "checkpoints" / "step-000003" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    saved = json.loads(state["settings"])
+    del saved["word_answers"], saved["answer_end"]  # as a checkpoint of an older version holds them
+    state["settings"] = json.dumps(saved)
+    torch.save(state, state_path)
+    resumed = extend(source, tmp_path, ExtendSettings(**SETTINGS))
+    for name, tensor in load_file(run / DELTA_FILE).items():
+        assert_close(load_file(resumed)[name], tensor, 1e-6, name)
+
+
 def test_a_second_stage_starts_from_the_first_stages_delta(source, run, tmp_path):
     """init_delta: with a learning rate of 0 the second stage's delta is exactly the first's; LoRA deltas refused."""
     first = run / DELTA_FILE
