@@ -122,21 +122,20 @@ def _help(text: str, **extra) -> dict:
 class ExtendSettings:
     """What `extend` trains, on what, for how long. Every field is also a `hf-llama-mem extend` option.
 
-    The defaults are the first stage of the shipped SmolLM2 delta's recipe (about 25 minutes on an idle 2-core CPU):
-    passkeys alone, at 512 tokens (the needle at least W back), 275 steps of 2 samples at a constant learning rate,
-    memory parameters only; plus centred memory keys and queries (`memory_centering`), which came after the shipped
-    delta: at equal steps it lowered the held-out answer loss at every length measured, 1K to 4K (README, "Long
-    context from a pretrained Llama"). The per-token read gate (`memory_token_gate`) is opt-in: at equal steps of a
-    later stage (3e-3) it cut the perplexity past W by a third with retrieval about level, but from a conversion at
-    stage 1's 1e-2 it raised the held-out loss in the first steps. The shipped delta's next two stages
-    start from the previous stage's delta (`init_delta`), each with its own seed, a learning rate of 3e-3 and a
-    cosine schedule: 125 steps of passkeys (annealing), and 100 steps of passkeys and language modelling half and
-    half, which undoes what passkeys alone did to the perplexity beyond W. Passkeys first, because the five-kind mix
-    at a like budget taught the memory that a number is asked for, not which one; other kinds and lengths are a
-    `--mix` / `--length-*` away.
+    The defaults are the first stage of the shipped SmolLM2 delta's recipe: 250 steps (about 20 minutes on an idle
+    2-core CPU) of passkeys alone, at 512 tokens (the needle at least W back), 2 samples a step at a constant
+    learning rate, memory parameters only, centred memory keys and queries (`memory_centering`: at equal
+    steps it lowered the held-out answer loss at every length measured, 1K to 4K; README, "Long context from a
+    pretrained Llama"). Passkeys first, because the five-kind mix at a like budget taught the memory that a number is
+    asked for, not which one. The second stage starts from that delta (`init_delta`) with another seed: passkeys,
+    multi-needle and language modelling 2:1:1, the length ramped 512 -> 1536, write sparsity 3, 3e-3 cosine over 150
+    steps stopped at step 75 (`stop_at`, where it did best on a held-out format), and the per-token read gate
+    (`memory_token_gate`) added. The gate is opt-in: in that stage it cut the perplexity past W by a third with
+    retrieval about level, but from a conversion at the first stage's 1e-2 it raised the held-out loss in the first
+    steps.
     """
 
-    steps: int = field(default=275, metadata=_help("optimizer steps"))
+    steps: int = field(default=250, metadata=_help("optimizer steps"))
     stop_at: int | None = field(
         default=None,
         metadata=_help(
