@@ -300,6 +300,8 @@ def test_bad_settings_are_refused_by_name():
         ExtendSettings(mix={"needles": 1.0})
     with pytest.raises(ValueError, match="lr_schedule"):
         ExtendSettings(lr_schedule="linear")
+    with pytest.raises(ValueError, match="word_answers must be in \\[0, 1\\], got 2"):
+        ExtendSettings(word_answers=2)
 
 
 def test_the_extend_command_line_mirrors_the_settings():
