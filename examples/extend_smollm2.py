@@ -7,7 +7,7 @@
 
 The same as `hf-llama-mem extend smollm2 extend_smollm2`: SmolLM2 is converted with a W-token window (the memory gates
 closed, so it starts as the windowed source), then its memory parameters (and LoRA factors, with a rank) are trained:
-by default on passkeys at 512 tokens, the first stage of the shipped delta's recipe (the README gives both stages'
+by default on passkeys at 512 tokens, the first stage of the shipped delta's recipe (the README gives every stage's
 commands); `--mix` adds multi-needle, key-value, variable-tracking and natural-text samples. Interrupt it at any time
 and run it again: it resumes from the latest checkpoint. The output folder gets the delta (memory_delta.safetensors),
 the log (log.jsonl), the loss and gate plot (loss_gate.png) and the checkpoints; apply the delta to a fresh conversion
