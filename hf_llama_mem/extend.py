@@ -541,7 +541,12 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of a checkpoint folder (checkpoints/step-N)."""
+    return int(folder.name[5:])
 
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, stream, settings, keep: int) -> Path:
@@ -915,7 +920,7 @@ def extend(
     log_path = output_dir / "log.jsonl"
     start = 0
     checkpoints = checkpoint_dirs(output_dir)
-    later = [c.name for c in checkpoints if settings.stop_at and int(c.name[5:]) > settings.stop_at]
+    later = [c.name for c in checkpoints if settings.stop_at and checkpoint_step(c) > settings.stop_at]
     if resume and later:
         raise ValueError(
             f"{output_dir} holds checkpoints past stop_at={settings.stop_at} ({', '.join(later)}), which this run "

@@ -436,10 +436,8 @@ class LongContextData:
     ) -> dict:  # fmt: skip
         """A sample of exactly `length` tokens: haystack with `statements` inserted in order (each ending at least
         `min_gap` tokens before the question), then the question and the labelled answer."""
-        answer_ids = self.encode(" " + answer)
         chat = self.chat is not None and rng.random() < self.chat_fraction
-        if self.answer_end:
-            answer_ids += self.encode(".") + (self.chat[2] if chat else [])
+        answer_ids = self.encode(" " + answer) + self.answer_end_ids(chat)
         if chat:
             head, middle, _ = self.chat
             tail = self.encode("\n\n" + question) + middle + self.encode(answer_prefix)
@@ -474,8 +472,14 @@ class LongContextData:
         longest style, the answer and min_gap tokens of filler take the rest."""
         head = len(self.chat[0]) + len(self.chat[1]) if self.chat is not None else 0
         asked = self.encode(QUESTION_STYLES[2].format(q=question, a=answer_prefix)) + self.encode(" " + answer)
-        end = len(self.encode(".")) + (len(self.chat[2]) if self.chat is not None else 0) if self.answer_end else 0
-        return length - len(self.prefix) - head - len(asked) - end - self.min_gap
+        end = self.answer_end_ids(chat=self.chat is not None)  # the longer ending, where a sample may be either
+        return length - len(self.prefix) - head - len(asked) - len(end) - self.min_gap
+
+    def answer_end_ids(self, chat: bool) -> list[int]:
+        """What `answer_end` labels after the answer: a period, and in the chat template the end of the turn."""
+        if not self.answer_end:
+            return []
+        return self.encode(".") + (self.chat[2] if chat else [])
 
     def statement(self, text: str, rng: random.Random) -> list[int]:
         """A statement as its own line or inline between sentences."""
