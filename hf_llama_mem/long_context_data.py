@@ -1,6 +1,6 @@
 """Seeded training samples for long-context fine-tuning, in natural language, of an exact length in any tokenizer.
 
-Five kinds (`KINDS`), each a method of `LongContextData` that returns {"input_ids", "labels", "kind", "answer"}:
+Six kinds (`KINDS`), each a method of `LongContextData` that returns {"input_ids", "labels", "kind", "answer"}:
 
 - "passkey": one fact with a number ("Note: the access code for the juniper vault is 48213.") hidden at a random
   depth in a haystack, asked for at the end ("What is the access code for the juniper vault? ..."); with
@@ -10,6 +10,9 @@ Five kinds (`KINDS`), each a method of `LongContextData` that returns {"input_id
 - "kv_lookup": a list of "name: number" records (three layouts) inside the haystack; one record's number is asked.
 - "variable_tracking": "Let K7 = 38210." ... "Let B12 = K7." ... chains of assignments among distractor chains;
   asked either for the value of the chain's last variable, or for every variable that holds the chain's number.
+- "conversation": a multi-turn chat in the tokenizer's chat template. The user states a personal fact early on
+  ("Before we start: my bike lock combination is 4721."), asks about natural text for many turns, maybe states other
+  facts, and at last asks for the first one; the assistant's reply ends in the answer and the end of its turn.
 - "language_modelling": a stretch of natural text, loss on every token.
 
 The retrieval kinds are labelled (-100 elsewhere) only on the answer, which ends the sample. Every statement a
@@ -51,7 +54,7 @@ __all__ = [
     "sample_seed",
 ]
 
-KINDS = ("passkey", "multi_needle", "kv_lookup", "variable_tracking", "language_modelling")
+KINDS = ("passkey", "multi_needle", "kv_lookup", "variable_tracking", "conversation", "language_modelling")
 RETRIEVAL_KINDS = KINDS[:-1]
 DEFAULT_WEIGHTS = {
     "passkey": 0.25,
@@ -148,6 +151,48 @@ RECORD_QUESTIONS = (
     ("Look up {k} in the entries above. What is its number?", "The number of {k} is"),
 )
 VARIABLE_STYLES = ("Let {x} = {y}.", "Set {x} to {y}.", "Assign {y} to {x}.")
+# The conversation kind's personal facts, in the user's words: (answer kind, statement, question, reply prefix).
+# "number" facts take a number, "name" facts one of NAME_ANSWERS. None is a fact of the chat-recall evaluation.
+CHAT_FACTS = (
+    ("number", "my bike lock combination is {n}", "What is my bike lock combination?",
+     "Your bike lock combination is"),
+    ("number", "my library card number is {n}", "What is my library card number?", "Your library card number is"),
+    ("number", "the flight I'm taking on Friday is number {n}", "Which flight am I taking on Friday?",
+     "You are taking flight number"),
+    ("number", "my phone extension at work is {n}", "What is my phone extension at work?",
+     "Your phone extension at work is"),
+    ("number", "the order I placed yesterday has the number {n}",
+     "What is the number of the order I placed yesterday?", "The order you placed yesterday has the number"),
+    ("number", "my seat at the concert tonight is {n}", "Which seat do I have at the concert tonight?",
+     "Your seat at the concert tonight is"),
+    ("number", "the alarm code at my parents' house is {n}", "What is the alarm code at my parents' house?",
+     "The alarm code at your parents' house is"),
+    ("number", "my membership number at the climbing club is {n}",
+     "What is my membership number at the climbing club?", "Your membership number at the climbing club is"),
+    ("name", "my brother's new girlfriend is called {n}", "What is my brother's new girlfriend called?",
+     "Your brother's new girlfriend is called"),
+    ("name", "our tortoise is named {n}", "What is our tortoise named?", "Your tortoise is named"),
+    ("name", "my dentist is Dr. {n}", "What is my dentist's name?", "Your dentist is Dr."),
+    ("name", "I'm reading a novel by an author called {n}", "Which author's novel am I reading?",
+     "You are reading a novel by"),
+    ("name", "the café where we had our first date is called {n}",
+     "What is the café where we had our first date called?", "The café where you had your first date is called"),
+    ("name", "my son's football coach is called {n}", "What is my son's football coach called?",
+     "Your son's football coach is called"),
+)  # fmt: skip
+# How the user brings up a fact ({f}: the fact, lower case), asks about the text, and asks for the fact at the end.
+CHAT_OPENINGS = (
+    "Hello! Before we start: {f}.", "Hi there. Just so you know, {f}.", "{F}. Keep that in mind, please.",
+    "Good morning! Quick note: {f}. Now, on to my questions.", "Hey. Something to remember: {f}.",
+)  # fmt: skip
+CHAT_ASIDES = ("Oh, and {f}.", "By the way, {f}.", "Unrelated, but {f}.")
+CHAT_REQUESTS = (
+    "Can you show me what the documentation says next?", "Go on, please.", "What comes after that?",
+    "Could you continue with the next part?", "Thanks. And the section after it?", "Show me more of the text.",
+)  # fmt: skip
+CHAT_ACKNOWLEDGEMENTS = ("Noted! What would you like to know?", "Got it. How can I help?", "Sure, I'll remember.")
+CHAT_QUESTIONS = ("{q}", "One more thing: {q}", "Before I go, can you remind me? {q}", "Quick question: {q} Be brief.")
+CHAT_PHRASES = CHAT_OPENINGS + CHAT_ASIDES + CHAT_REQUESTS + CHAT_ACKNOWLEDGEMENTS + CHAT_QUESTIONS
 
 
 def sample_seed(*parts) -> int:
@@ -311,7 +356,7 @@ class LengthCurriculum:
 
 
 class LongContextData:
-    """The generators of the five kinds for one tokenizer.
+    """The generators of the six kinds for one tokenizer.
 
     Args:
         tokenizer: any Hugging Face tokenizer; text is encoded without special tokens, and a BOS token starts each
@@ -352,7 +397,12 @@ class LongContextData:
             raise ValueError(f"min_gap must be >= 0 and digits positive, got {min_gap}, {digits}.")
         bos = tokenizer.bos_token_id
         self.prefix = [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
-        self.chat = self._chat_parts() if chat_fraction > 0 else None
+        self.turns, self.turns_end = self._turn_parts()
+        # A retrieval sample in the chat template: the context and question as the user's turn, the answer as the
+        # assistant's (token ids before the turn, between it and the answer, and what ends the answer).
+        self.chat = None
+        if chat_fraction > 0 and self.turns is not None:
+            self.chat = self.turns[0], self.turns[1], self.turns_end
         self.chat_fraction = chat_fraction if self.chat is not None else 0.0
         if chat_fraction > 0 and self.chat is None:
             logger.warning("The tokenizer has no chat template: chat_fraction is ignored.")
@@ -382,20 +432,25 @@ class LongContextData:
         digits = rng.choice(self.digits)
         return str(rng.randrange(10 ** (digits - 1), 10**digits)) if digits > 1 else str(rng.randrange(10))
 
-    def _chat_parts(self) -> tuple[list[int], list[int], list[int]] | None:
-        """Token ids before the user's turn, between the user's turn and the assistant's text, and the first token
-        after that text (what ends the assistant's turn; none if the template adds nothing there)."""
+    def _turn_parts(self) -> tuple[tuple[list[int], list[int], list[int]] | None, list[int]]:
+        """For multi-turn chats: the token ids before the first user turn, between a user turn and the assistant's
+        reply, and between a reply and the next user turn; and the first token that ends a reply. None (and no end)
+        for a tokenizer without a chat template."""
         if getattr(self.tokenizer, "chat_template", None) is None:
-            return None
-        user, reply = "\x01USER\x01", "\x01REPLY\x01"
+            return None, []
+        marks = ["\x01U1\x01", "\x01A1\x01", "\x01U2\x01", "\x01A2\x01"]
+        roles = ("user", "assistant", "user", "assistant")
         text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}, {"role": "assistant", "content": reply}], tokenize=False
+            [{"role": r, "content": m} for r, m in zip(roles, marks, strict=True)], tokenize=False
         )
-        if user not in text or reply not in text:
-            return None
-        head, rest = text.split(user, 1)
-        middle, after = rest.split(reply, 1)
-        return self.encode(head), self.encode(middle), self.encode(after)[:1]
+        if not all(m in text for m in marks):
+            return None, []
+        head, rest = text.split(marks[0], 1)
+        user_to_reply, rest = rest.split(marks[1], 1)
+        reply_to_user, rest = rest.split(marks[2], 1)
+        _, after = rest.split(marks[3], 1)
+        parts = self.encode(head), self.encode(user_to_reply), self.encode(reply_to_user)
+        return parts, self.encode(after)[:1]
 
     def repeated(self, n: int, rng: random.Random) -> tuple[list[int], list[int]]:
         """n tokens of a few everyday sentences repeated in a cycle, and the sentence starts."""
@@ -598,6 +653,57 @@ class LongContextData:
             question = f"Which variables hold the value {number}?"
             prefix, answer = f"The variables that hold {number} are", ", ".join(chain)
         return self.assemble("variable_tracking", statements, question, prefix, answer, length, rng)
+
+    def conversation(self, length: int, rng: random.Random) -> dict:
+        if self.turns is None:
+            raise ValueError("The conversation kind needs a tokenizer with a chat template.")
+        head, user_to_reply, reply_to_user = self.turns
+        taken = rng.sample(range(len(CHAT_FACTS)), rng.choice((1, 1, 2, 3)))  # the first is asked, others distract
+        answers: list[str] = []
+        for index in taken:
+            pool = NAME_ANSWERS if CHAT_FACTS[index][0] == "name" else None
+            answer = rng.choice(pool) if pool else self.number(rng)
+            while answer in answers:
+                answer = rng.choice(pool) if pool else self.number(rng)
+            answers.append(answer)
+        facts = [CHAT_FACTS[i][1].format(n=a) for i, a in zip(taken, answers, strict=True)]
+        opening = rng.choice(CHAT_OPENINGS).format(f=facts[0], F=facts[0][0].upper() + facts[0][1:])
+        _, _, question, prefix = CHAT_FACTS[taken[0]]
+        end = self.encode(".") + self.turns_end
+        answer_ids = self.encode(" " + answers[0]) + end
+        asking = rng.choice(CHAT_QUESTIONS)
+        asked = asking.format(q=question if asking.startswith("{q}") else question[0].lower() + question[1:])
+        tail = reply_to_user + self.encode(asked) + user_to_reply + self.encode(prefix)
+        ids = list(self.prefix) + head + self.encode(opening) + user_to_reply
+        ids += self.encode(rng.choice(CHAT_ACKNOWLEDGEMENTS))
+        # Filler turns (a request, then a stretch of natural text as the reply) until the sample is full; the other
+        # facts are asides in random requests. The first fact then lies at least min_gap tokens before the question.
+        room = length - len(ids) - len(tail) - len(answer_ids)
+        requests, sizes = [], []
+        asides = [rng.choice(CHAT_ASIDES).format(f=fact) for fact in facts[1:]]
+        while True:
+            request = rng.choice(CHAT_REQUESTS)
+            if asides and rng.random() < 0.3:
+                request = asides.pop() + " " + request
+            cost = len(reply_to_user) + len(self.encode(request)) + len(user_to_reply)
+            if room - cost < 16:
+                break
+            requests.append(request)
+            sizes.append(min(rng.randint(48, 320), room - cost))
+            room -= cost + sizes[-1]
+        if not sizes or sum(sizes) + room < self.min_gap:
+            raise ValueError(
+                f"A conversation sample of {length} tokens has room for {max(sum(sizes), 0)} tokens of turns, fewer "
+                f"than min_gap={self.min_gap}: use a longer length or a smaller min_gap."
+            )
+        sizes[-1] += room  # what is left goes to the last reply
+        for request, size in zip(requests, sizes, strict=True):
+            ids += reply_to_user + self.encode(request) + user_to_reply + self.text.draw(size, rng)[0]
+        ids += tail
+        labels = [-100] * len(ids) + answer_ids
+        ids += answer_ids
+        assert len(ids) == length, (len(ids), length)
+        return {"input_ids": ids, "labels": labels, "kind": "conversation", "answer": answers[0]}
 
     def language_modelling(self, length: int, rng: random.Random) -> dict:
         tokens, _ = self.text.draw(length - len(self.prefix), rng)

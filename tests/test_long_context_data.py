@@ -9,10 +9,12 @@ from transformers import ByT5Tokenizer
 
 from hf_llama_mem import long_context_data as lcd
 from hf_llama_mem.corpus import python_docs_files, python_docs_root, stdlib_source_files
+from hf_llama_mem.evals import chat_recall
 from hf_llama_mem.evals.chat_recall import FACTS
 from hf_llama_mem.evals.passkey import FILLER
 from hf_llama_mem.long_context_data import (
     KINDS,
+    RETRIEVAL_KINDS,
     LengthCurriculum,
     LongContextData,
     LongContextStream,
@@ -30,11 +32,15 @@ EVAL_PHRASES = [s.strip() + "." for s in FILLER.split(".") if s.strip()] + [
     "Extract the value corresponding",  # RULER's key-value retrieval
 ]
 MIN_GAP = 40
+# A chat template whose tokens are plain bytes: "<role>" opens a turn and "#" ends it.
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}#{% endfor %}"
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return ByT5Tokenizer()
+    tokenizer = ByT5Tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE  # for the conversation kind; retrieval samples use it only if asked to
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +72,15 @@ def test_every_kind_has_the_exact_length_and_labels_only_on_the_answer(data, tok
             assert labels == ids
             continue
         answer = tokenizer(" " + sample["answer"], add_special_tokens=False).input_ids
+        if kind == "conversation":  # a reply always ends its turn
+            answer += tokenizer(".#", add_special_tokens=False).input_ids
         assert labels[-len(answer) :] == ids[-len(answer) :] == answer  # the answer ends the sample, labelled
         assert set(labels[: -len(answer)]) == {-100}  # and nothing else is
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k != "language_modelling"])
+@pytest.mark.parametrize("kind", [k for k in RETRIEVAL_KINDS if k != "conversation"])
 def test_answer_end_labels_the_period_and_the_end_of_the_chat_turn(tokenizer, text, kind):
-    chat_tokenizer = ByT5Tokenizer()
-    chat_tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}#{% endfor %}"
-    data = LongContextData(chat_tokenizer, text, min_gap=MIN_GAP, chat_fraction=0.5, answer_end=True)
+    data = LongContextData(tokenizer, text, min_gap=MIN_GAP, chat_fraction=0.5, answer_end=True)
     endings = set()
     for seed in range(8):
         sample = data.generate(kind, 500, seed)
@@ -127,9 +133,11 @@ def test_the_templates_are_not_the_passkey_evals_nor_rulers(tokenizer, text):
         + [part for style in lcd.RECORD_STYLES for part in style]
         + [part for question in lcd.RECORD_QUESTIONS for part in question]
         + list(lcd.VARIABLE_STYLES)
+        + [part for fact in lcd.CHAT_FACTS for part in fact[1:]]
+        + list(lcd.CHAT_PHRASES)
     )
     repeated_only = LongContextData(tokenizer, text, haystacks={"repeated": 1.0}, word_answers=0.5)
-    samples = [repeated_only.generate(kind, 900, seed) for kind in KINDS[:-1] for seed in range(5)]
+    samples = [repeated_only.generate(kind, 900, seed) for kind in RETRIEVAL_KINDS for seed in range(5)]
     decoded = [as_bytes(s["input_ids"]).decode(errors="replace") for s in samples]
     for phrase in EVAL_PHRASES:
         assert phrase.lower() not in own_text.lower(), phrase
@@ -153,6 +161,37 @@ def test_word_answers_ask_for_names_that_the_chat_recall_evaluation_never_uses(t
         assert data.generate("passkey", 500, seed) == before
     with pytest.raises(ValueError, match="word_answers must be in \\[0, 1\\], got 1.5"):
         LongContextData(tokenizer, text, word_answers=1.5)
+
+
+def test_a_conversation_asks_for_its_first_fact_min_gap_tokens_later_among_distractors(tokenizer, text):
+    data = LongContextData(tokenizer, text, min_gap=300)
+    distracted = 0
+    for seed in range(12):
+        sample = data.generate("conversation", 900, seed)
+        turns = as_bytes(sample["input_ids"]).decode(errors="replace").split("#")
+        assert turns[0].startswith("<user>") and turns[-1] == "" and len(turns) >= 5
+        answer = sample["answer"]
+        assert answer in turns[0] and turns[-2] == f"<assistant>{turns[-2][11 : -len(answer) - 2]} {answer}."
+        # the question's turn: the first fact's question, at least min_gap bytes after the fact's turn
+        asked = next(fact for fact in lcd.CHAT_FACTS if fact[1].format(n=answer).lower() in turns[0].lower())
+        assert asked[2][1:] in turns[-3] and turns[-3].startswith("<user>")
+        assert len("#".join(turns[1:-3])) >= 300
+        assert (answer in lcd.NAME_ANSWERS) == (asked[0] == "name") and (answer.isdigit() == (asked[0] == "number"))
+        others = [t for t in turns[1:-3] if any(a.split("{")[0] in t for a in lcd.CHAT_ASIDES)]
+        distracted += bool(others)
+        assert not any(f" {answer}." in t for t in others)  # a distractor never holds the answer
+    assert 0 < distracted < 12
+    # The chat-recall evaluation stays held out: none of its facts, answers or phrasings are the kind's.
+    ours = " ".join([part for fact in lcd.CHAT_FACTS for part in fact[1:]] + list(lcd.CHAT_PHRASES)).lower()
+    for fact in FACTS:
+        assert fact.question.lower() not in ours and fact.answer.lower() not in ours.split()
+    for phrase in (chat_recall.ACKNOWLEDGEMENT, "I have a few questions for you today", "Please answer briefly"):
+        assert phrase.lower() not in ours, phrase
+    assert not {fact.answer for fact in FACTS} & set(lcd.NAME_ANSWERS)
+    with pytest.raises(ValueError, match="conversation kind needs a tokenizer with a chat template"):
+        LongContextData(ByT5Tokenizer(), text).generate("conversation", 900, 0)
+    with pytest.raises(ValueError, match="conversation sample of 200 tokens .*min_gap=300"):
+        data.generate("conversation", 200, 0)
 
 
 def test_too_short_a_length_is_refused_by_name(data):
