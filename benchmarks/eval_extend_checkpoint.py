@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from probe_memory_interference import load
+from probe_memory_interference import close_memory_gates, load
 from tqdm.auto import tqdm
 
 from hf_llama_mem.convert_llama import load_source_tokenizer
@@ -47,9 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load(args.model), load_source_tokenizer("smollm2")
     if args.windowed:
-        for name, param in model.named_parameters():
-            if name.endswith((".memory.gate", ".memory.token_gate")):
-                param.zero_()
+        close_memory_gates(model)
     start = time.time()
     ids = tokenizer(Path(args.text).read_text(), return_tensors="pt").input_ids[:, : args.tokens]
     result = {"model": args.model, "windowed": args.windowed, "perplexity": perplexity_by_position(model, ids)}

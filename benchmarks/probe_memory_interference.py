@@ -46,6 +46,14 @@ def load(path: str) -> LlamaMemForCausalLM:
     return apply_delta(LlamaMemForCausalLM.from_llama("smollm2", **delta_conversion(delta)).float(), delta).eval()
 
 
+def close_memory_gates(model) -> None:
+    """Zero every memory read gate: the windowed model the memory was converted from, exactly."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith((".memory.gate", ".memory.token_gate")):
+                param.zero_()
+
+
 class WriteMask:
     """Forces the write strength of every token outside `keep` to zero (the write projection's logit to -1e4)."""
 
