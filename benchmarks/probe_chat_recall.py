@@ -12,18 +12,12 @@ each the mean over its conversations.
 import argparse
 
 import torch
-import torch.nn.functional as F
-from probe_memory_interference import WriteMask, close_memory_gates, load
+from probe_memory_interference import WriteMask, answer_loss, close_memory_gates, load
 
 from hf_llama_mem.convert_llama import load_source_tokenizer
 from hf_llama_mem.evals.chat_recall import ChatRecallOptions, ChatRecallTask, encode
 
 WAYS = ("every write", "the fact's turn's writes only", "memory closed (windowed)")
-
-
-def answer_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
-    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-    return F.cross_entropy(logits, labels[0, 1:], ignore_index=-100).item()
 
 
 @torch.no_grad()
@@ -35,23 +29,24 @@ def main() -> None:
     model, tokenizer = load(args.model), load_source_tokenizer("smollm2")
     mask = WriteMask(model)
     task = ChatRecallTask(ChatRecallOptions(conversations=10, windows_back=(args.windows_back,)))
-    cases = []  # (answer kind, input ids, labels, the fact turn's end)
+    cases = []  # (answer kind, sample, the fact turn's end)
     for conversation in task.conversations(tokenizer, model.config.sliding_window):
         answer = encode(tokenizer, " " + conversation.fact.answer)
         ids = list(conversation.input_ids) + encode(tokenizer, "The answer is") + answer
         labels = [-100] * (len(ids) - len(answer)) + answer
         kind = "number" if conversation.fact.answer.isdigit() else "name"
-        cases.append((kind, torch.tensor([ids]), torch.tensor([labels]), conversation.fact_end))
+        sample = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
+        cases.append((kind, sample, conversation.fact_end))
     losses = [[] for _ in cases]  # per case, one loss per way
-    for (_, ids, labels, fact_end), row in zip(cases, losses, strict=True):
-        row.append(answer_loss(model, ids, labels))
-        mask.keep = torch.zeros(ids.shape[1], dtype=torch.bool)
+    for (_, sample, fact_end), row in zip(cases, losses, strict=True):
+        row.append(answer_loss(model, sample))
+        mask.keep = torch.zeros(sample["input_ids"].shape[1], dtype=torch.bool)
         mask.keep[:fact_end] = True
-        row.append(answer_loss(model, ids, labels))
+        row.append(answer_loss(model, sample))
         mask.keep = None
     close_memory_gates(model)
-    for (_, ids, labels, _), row in zip(cases, losses, strict=True):
-        row.append(answer_loss(model, ids, labels))
+    for (_, sample, _), row in zip(cases, losses, strict=True):
+        row.append(answer_loss(model, sample))
     print("| answer | conversations | " + " | ".join(f"answer loss, {way}" for way in WAYS) + " |")
     print("|---" * (len(WAYS) + 2) + "|")
     for kind in ("number", "name"):

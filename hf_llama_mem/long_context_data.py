@@ -398,13 +398,8 @@ class LongContextData:
         bos = tokenizer.bos_token_id
         self.prefix = [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
         self.turns, self.turns_end = self._turn_parts()
-        # A retrieval sample in the chat template: the context and question as the user's turn, the answer as the
-        # assistant's (token ids before the turn, between it and the answer, and what ends the answer).
-        self.chat = None
-        if chat_fraction > 0 and self.turns is not None:
-            self.chat = self.turns[0], self.turns[1], self.turns_end
-        self.chat_fraction = chat_fraction if self.chat is not None else 0.0
-        if chat_fraction > 0 and self.chat is None:
+        self.chat_fraction = chat_fraction if self.turns is not None else 0.0
+        if chat_fraction > 0 and self.turns is None:
             logger.warning("The tokenizer has no chat template: chat_fraction is ignored.")
 
     def describe(self) -> dict:
@@ -491,11 +486,12 @@ class LongContextData:
     ) -> dict:  # fmt: skip
         """A sample of exactly `length` tokens: haystack with `statements` inserted in order (each ending at least
         `min_gap` tokens before the question), then the question and the labelled answer."""
-        chat = self.chat is not None and rng.random() < self.chat_fraction
+        # In the chat template, the context and question are the user's turn and the answer the assistant's.
+        chat = self.chat_fraction > 0 and rng.random() < self.chat_fraction
         answer_ids = self.encode(" " + answer) + self.answer_end_ids(chat)
         if chat:
-            head, middle, _ = self.chat
-            tail = self.encode("\n\n" + question) + middle + self.encode(answer_prefix)
+            head, user_to_reply, _ = self.turns
+            tail = self.encode("\n\n" + question) + user_to_reply + self.encode(answer_prefix)
         else:
             head = []
             tail = self.encode(rng.choice(QUESTION_STYLES).format(q=question, a=answer_prefix))
@@ -525,16 +521,19 @@ class LongContextData:
     def room(self, length: int, question: str, answer_prefix: str, answer: str) -> int:
         """How many tokens of statements a sample of `length` tokens has room for at most: the question in its
         longest style, the answer and min_gap tokens of filler take the rest."""
-        head = len(self.chat[0]) + len(self.chat[1]) if self.chat is not None else 0
+        chat = self.chat_fraction > 0  # then a sample may be either, and the chat's head and ending are the longer
+        head = len(self.turns[0]) + len(self.turns[1]) if chat else 0
         asked = self.encode(QUESTION_STYLES[2].format(q=question, a=answer_prefix)) + self.encode(" " + answer)
-        end = self.answer_end_ids(chat=self.chat is not None)  # the longer ending, where a sample may be either
+        end = self.answer_end_ids(chat)
         return length - len(self.prefix) - head - len(asked) - len(end) - self.min_gap
 
     def answer_end_ids(self, chat: bool) -> list[int]:
-        """What `answer_end` labels after the answer: a period, and in the chat template the end of the turn."""
-        if not self.answer_end:
-            return []
-        return self.encode(".") + (self.chat[2] if chat else [])
+        """What `answer_end` labels after the answer: `reply_end(chat)`, or nothing without answer_end."""
+        return self.reply_end(chat) if self.answer_end else []
+
+    def reply_end(self, chat: bool) -> list[int]:
+        """What ends an answer: a period, and in the chat template the end of the assistant's turn."""
+        return self.encode(".") + (self.turns_end if chat else [])
 
     def statement(self, text: str, rng: random.Random) -> list[int]:
         """A statement as its own line or inline between sentences."""
@@ -660,17 +659,16 @@ class LongContextData:
         head, user_to_reply, reply_to_user = self.turns
         taken = rng.sample(range(len(CHAT_FACTS)), rng.choice((1, 1, 2, 3)))  # the first is asked, others distract
         answers: list[str] = []
-        for index in taken:
-            pool = NAME_ANSWERS if CHAT_FACTS[index][0] == "name" else None
-            answer = rng.choice(pool) if pool else self.number(rng)
-            while answer in answers:
-                answer = rng.choice(pool) if pool else self.number(rng)
+        for index in taken:  # distinct answers, each of its fact's kind
+            while True:
+                answer = rng.choice(NAME_ANSWERS) if CHAT_FACTS[index][0] == "name" else self.number(rng)
+                if answer not in answers:
+                    break
             answers.append(answer)
         facts = [CHAT_FACTS[i][1].format(n=a) for i, a in zip(taken, answers, strict=True)]
         opening = rng.choice(CHAT_OPENINGS).format(f=facts[0], F=facts[0][0].upper() + facts[0][1:])
         _, _, question, prefix = CHAT_FACTS[taken[0]]
-        end = self.encode(".") + self.turns_end
-        answer_ids = self.encode(" " + answers[0]) + end
+        answer_ids = self.encode(" " + answers[0]) + self.reply_end(chat=True)  # a reply always ends its turn
         asking = rng.choice(CHAT_QUESTIONS)
         asked = asking.format(q=question if asking.startswith("{q}") else question[0].lower() + question[1:])
         tail = reply_to_user + self.encode(asked) + user_to_reply + self.encode(prefix)
@@ -693,7 +691,7 @@ class LongContextData:
             room -= cost + sizes[-1]
         if not sizes or sum(sizes) + room < self.min_gap:
             raise ValueError(
-                f"A conversation sample of {length} tokens has room for {max(sum(sizes), 0)} tokens of turns, fewer "
+                f"A conversation sample of {length} tokens has room for {sum(sizes)} tokens of turns, fewer "
                 f"than min_gap={self.min_gap}: use a longer length or a smaller min_gap."
             )
         sizes[-1] += room  # what is left goes to the last reply

@@ -187,7 +187,6 @@ def test_a_conversation_asks_for_its_first_fact_min_gap_tokens_later_among_distr
         assert fact.question.lower() not in ours and fact.answer.lower() not in ours.split()
     for phrase in (chat_recall.ACKNOWLEDGEMENT, "I have a few questions for you today", "Please answer briefly"):
         assert phrase.lower() not in ours, phrase
-    assert not {fact.answer for fact in FACTS} & set(lcd.NAME_ANSWERS)
     with pytest.raises(ValueError, match="conversation kind needs a tokenizer with a chat template"):
         LongContextData(ByT5Tokenizer(), text).generate("conversation", 900, 0)
     with pytest.raises(ValueError, match="conversation sample of 200 tokens .*min_gap=300"):
