@@ -237,6 +237,14 @@ class ExtendSettings:
             f"default {DEFAULT_WRITE_BIAS})"
         ),
     )
+    write_bias_shift: float = field(
+        default=0.0,
+        metadata=_help(
+            "added to every memory write-strength bias after --init-delta is applied: a delta-rule write erases what "
+            "is stored along its key, so a needle outlives about head_dim / beta filler writes, and a first stage "
+            "trained on short samples writes its filler too strongly for longer ones (e.g. -2)"
+        ),
+    )
     write_sparsity: float = field(
         default=0.0,
         metadata=_help(
@@ -354,6 +362,14 @@ def start_from_delta(model: PreTrainedModel, path: str | os.PathLike) -> None:
             f"init_delta {path} has LoRA factors; a second stage can start only from a memory-only delta."
         )
     apply_delta(model, path)
+
+
+@torch.no_grad()
+def shift_write_bias(model: PreTrainedModel, shift: float) -> None:
+    """Add `shift` to the write-strength bias of every memory layer (a resumed run then loads its checkpoint's)."""
+    for name, param in model.named_parameters():
+        if name.endswith(".memory.write_proj.bias"):
+            param.add_(shift)
 
 
 @torch.no_grad()
@@ -882,6 +898,7 @@ def extend(
     source = source_identity(model, src, settings)
     if settings.init_delta is not None:
         start_from_delta(model, settings.init_delta)
+    shift_write_bias(model, settings.write_bias_shift)
     if tokenizer is None:
         tokenizer = load_tokenizer(src)
     config = model.config

@@ -193,6 +193,17 @@ def test_a_second_stage_starts_from_the_first_stages_delta(source, run, tmp_path
         extend(source, tmp_path / "third", ExtendSettings(**{**SETTINGS, "steps": 1, "init_delta": str(with_lora)}))
 
 
+def test_a_second_stage_can_shift_the_write_strength(source, run, tmp_path):
+    """write_bias_shift moves every memory write bias of the first stage's delta by itself, and nothing else."""
+    first = run / DELTA_FILE
+    still = {**SETTINGS, "steps": 1, "seed": 1, "memory_lr": 0.0, "init_delta": str(first)}
+    shifted = load_file(extend(source, tmp_path / "shifted", ExtendSettings(**{**still, "write_bias_shift": -2.0})))
+    biases = [name for name in shifted if name.endswith(".memory.write_proj.bias")]
+    assert biases
+    for name, tensor in load_file(first).items():
+        assert_close(shifted[name], tensor - 2.0 if name in biases else tensor, 1e-6, name)
+
+
 def test_resuming_with_other_settings_is_refused_by_name(source, run, tmp_path):
     shutil.copytree(run, tmp_path, dirs_exist_ok=True)
     with pytest.raises(ValueError, match="memory_lr"):
