@@ -1,12 +1,13 @@
 """Passkeys by length and depth, and perplexity by position past W, of an `extend` checkpoint or delta (SmolLM2).
 
     python benchmarks/eval_extend_checkpoint.py RUN/checkpoints/step-000150 [--lengths 1024,2048,4096]
-        [--depths 0,0.25,0.5,0.75] [--samples 1] [--text FILE] [--tokens 4096] [--windowed]
+        [--depths 0,0.25,0.5,0.75] [--samples 1] [--text FILE] [--tokens 4096] [--windowed] [--write-bias-shift X]
 
 One JSON line: perplexity of the held-out text's first --tokens tokens below W, from W to 1K and from 1K on (by
 default the Python 2.6 "what's new", Debian's python3.11-doc: never trained on); then for each length the passkey
 evaluation's answer loss per token and exact match per depth (seed 1, --samples per depth). --windowed closes every
-memory gate first: the windowed model the checkpoint was converted from, on the same samples.
+memory gate first: the windowed model the checkpoint was converted from, on the same samples. --write-bias-shift adds
+X to every memory write bias first (what `extend --write-bias-shift` starts a stage from, here without training).
 """
 
 import argparse
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from hf_llama_mem.convert_llama import load_source_tokenizer
 from hf_llama_mem.evals.passkey import PasskeyOptions, PasskeyTask
 from hf_llama_mem.evals.perplexity import PerplexityByPosition
+from hf_llama_mem.extend import shift_write_bias
 
 HELD_OUT = "/usr/share/doc/python3.11/html/_sources/whatsnew/2.6.rst.txt"
 
@@ -44,13 +46,16 @@ def main() -> None:
     parser.add_argument("--text", default=HELD_OUT)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--windowed", action="store_true", help="close the memory gates first")
+    parser.add_argument("--write-bias-shift", type=float, default=0.0, help="added to every memory write bias")
     args = parser.parse_args()
     model, tokenizer = load(args.model), load_source_tokenizer("smollm2")
     if args.windowed:
         close_memory_gates(model)
+    shift_write_bias(model, args.write_bias_shift)
     start = time.time()
     ids = tokenizer(Path(args.text).read_text(), return_tensors="pt").input_ids[:, : args.tokens]
-    result = {"model": args.model, "windowed": args.windowed, "perplexity": perplexity_by_position(model, ids)}
+    result = {"model": args.model, "windowed": args.windowed, "write_bias_shift": args.write_bias_shift}
+    result["perplexity"] = perplexity_by_position(model, ids)
     depths = tuple(float(d) for d in args.depths.split(","))
     for length in (int(x) for x in args.lengths.split(",")):
         task = PasskeyTask(PasskeyOptions(lengths=(length,), depths=depths, samples=args.samples))
