@@ -348,9 +348,8 @@ def load_model(src, settings: ExtendSettings) -> PreTrainedModel:
         # has learned what is worth writing (a plain conversion's is sigmoid(0) = 0.5).
         bias = DEFAULT_WRITE_BIAS if settings.write_bias_init is None else settings.write_bias_init
         with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith(".memory.write_proj.bias"):
-                    param.fill_(bias)
+            for param in write_biases(model):
+                param.fill_(bias)
     return model.float()
 
 
@@ -364,12 +363,16 @@ def start_from_delta(model: PreTrainedModel, path: str | os.PathLike) -> None:
     apply_delta(model, path)
 
 
+def write_biases(model: nn.Module) -> list[nn.Parameter]:
+    """The write-strength bias of every memory layer."""
+    return [param for name, param in model.named_parameters() if name.endswith(".memory.write_proj.bias")]
+
+
 @torch.no_grad()
-def shift_write_bias(model: PreTrainedModel, shift: float) -> None:
+def shift_write_bias(model: nn.Module, shift: float) -> None:
     """Add `shift` to the write-strength bias of every memory layer (a resumed run then loads its checkpoint's)."""
-    for name, param in model.named_parameters():
-        if name.endswith(".memory.write_proj.bias"):
-            param.add_(shift)
+    for param in write_biases(model):
+        param.add_(shift)
 
 
 @torch.no_grad()
