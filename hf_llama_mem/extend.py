@@ -280,6 +280,8 @@ class ExtendSettings:
         for name in ("warmup_steps", "lora_rank", "eval_every", "keep_checkpoints", "eval_samples", "write_sparsity"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not math.isfinite(self.write_bias_shift):
+            raise ValueError(f"write_bias_shift must be a finite number, got {self.write_bias_shift}.")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
         if self.lora_rank and not self.lora_targets:

@@ -305,6 +305,8 @@ def test_nothing_to_train_is_refused(source, tmp_path):
 
 
 def test_bad_settings_are_refused_by_name():
+    with pytest.raises(ValueError, match="write_bias_shift must be a finite number, got nan"):
+        ExtendSettings(write_bias_shift=float("nan"))
     with pytest.raises(ValueError, match="length_end"):
         ExtendSettings(length_start=1024, length_end=512)
     with pytest.raises(ValueError, match="Unknown sample kinds"):
