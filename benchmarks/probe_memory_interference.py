@@ -9,9 +9,10 @@ samples (seed 1, depths 0 and 0.5) are scored three ways, each a markdown row:
 - answer loss per token with every write, and with only the needle's writes (every other token's write strength
   forced to zero: what the read can do when nothing overwrites the needle);
 - exact match of the teacher-forced answer (as `hf-llama-mem eval passkey`), per depth;
-- at the first length: the geometry of the memory keys on one sample, mean |cosine| among filler tokens and between
-  needle and filler tokens, averaged over layers and heads (a delta-rule write erases what is stored along its key,
-  so keys with cosine c interfere by c^2).
+- at the first length, on one sample: the geometry of the memory keys, mean |cosine| among filler tokens and between
+  needle and filler tokens (a delta-rule write erases what is stored along its key, so keys with cosine c interfere
+  by c^2), and the mean write strength (beta) of the needle's digits and of the filler: a memory that writes
+  selectively has the first near 1 and the second near 0. Each averaged over layers and heads.
 """
 
 import argparse
@@ -82,13 +83,13 @@ def answer_loss(model, sample) -> float:
     return F.cross_entropy(logits, sample["labels"][0, 1:], ignore_index=-100).item()
 
 
-def key_geometry(model, sample) -> tuple[float, float]:
-    keys, head_dim = {}, model.config.head_dim
+def write_geometry(model, sample) -> dict[str, float]:
+    """Mean |cosine| of the memory keys (filler-filler, needle-filler) and mean write strength (the needle's digits,
+    the filler), over layers and heads."""
+    entries, head_dim = {}, model.config.head_dim
     hooks = [
         module.register_forward_hook(
-            lambda m, args, out, name=name: (
-                keys.__setitem__(name, out[0, :, :, head_dim : 2 * head_dim]) if args[0] == "write" else None
-            )
+            lambda m, args, out, name=name: entries.__setitem__(name, out[0]) if args[0] == "write" else None
         )
         for name, module in model.named_modules()
         if name.endswith("self_attn.memory")
@@ -97,14 +98,17 @@ def key_geometry(model, sample) -> tuple[float, float]:
     for hook in hooks:
         hook.remove()
     start, end = needle_span(sample)
-    filler_filler, needle_filler = [], []
-    for layer_keys in keys.values():
-        for head in layer_keys:  # [T', D], unit rows
-            filler = torch.cat([head[:start], head[end:]])
-            needle = head[start + NEEDLE_MARGIN[0] : end - NEEDLE_MARGIN[1]]
-            filler_filler.append((filler @ filler.T).abs().mean().item())
-            needle_filler.append((needle @ filler.T).abs().mean().item())
-    return sum(filler_filler) / len(filler_filler), sum(needle_filler) / len(needle_filler)
+    digits = slice(start + NEEDLE_MARGIN[0], end - NEEDLE_MARGIN[1])
+    found = {"filler_filler": [], "needle_filler": [], "needle_beta": [], "filler_beta": []}
+    for layer_entries in entries.values():
+        for head in layer_entries:  # [T', 2D + 2]: value, unit key, g, beta
+            keys, beta = head[:, head_dim : 2 * head_dim], head[:, -1]
+            filler, filler_beta = torch.cat([keys[:start], keys[end:]]), torch.cat([beta[:start], beta[end:]])
+            found["filler_filler"].append((filler @ filler.T).abs().mean().item())
+            found["needle_filler"].append((keys[digits] @ filler.T).abs().mean().item())
+            found["needle_beta"].append(beta[digits].mean().item())
+            found["filler_beta"].append(filler_beta.mean().item())
+    return {name: sum(values) / len(values) for name, values in found.items()}
 
 
 @torch.no_grad()
@@ -123,7 +127,7 @@ def main() -> None:
         fmt, generator, losses = task.format_for(tokenizer), seeded_generator(1), {"all": [], "needle": []}
         samples = [task.build(fmt, length, d, generator) for d in DEPTHS for _ in range(args.samples)]
         if index == 0:
-            filler_filler, needle_filler = key_geometry(model, samples[-1])
+            geometry = write_geometry(model, samples[-1])
         for sample in samples:
             losses["all"].append(answer_loss(model, sample))
             start, end = needle_span(sample)
@@ -136,8 +140,10 @@ def main() -> None:
         cells = " / ".join(f"{e:g}" for e in exact)
         print(f"| {length} | {mean['all']:.2f} | {mean['needle']:.2f} | {cells} |", flush=True)
     print(
-        f"\nmemory keys at {args.lengths.split(',')[0]} tokens: mean |cos| filler-filler {filler_filler:.2f}, "
-        f"needle-filler {needle_filler:.2f}"
+        f"\nmemory keys at {args.lengths.split(',')[0]} tokens: mean |cos| filler-filler "
+        f"{geometry['filler_filler']:.2f}, needle-filler {geometry['needle_filler']:.2f}; "
+        f"mean write strength: the needle's digits {geometry['needle_beta']:.4f}, "
+        f"the filler {geometry['filler_beta']:.4f}"
     )
 
 

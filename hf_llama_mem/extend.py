@@ -157,6 +157,13 @@ class ExtendSettings:
         default=None,
         metadata=_help("learning rate of the memory gates (default: memory_lr); they start closed after a conversion"),
     )
+    write_lr: float | None = field(
+        default=None,
+        metadata=_help(
+            "learning rate of the write-strength projection (default: memory_lr): AdamW moves each weight by about "
+            "its learning rate per step, and a needle's writes must grow apart from the filler's"
+        ),
+    )
     warmup_steps: int = field(default=10, metadata=_help("linear warm-up steps of every learning rate"))
     lr_schedule: str = field(
         default="constant", metadata=_help("after the warm-up: constant or cosine", choices=("constant", "cosine"))
@@ -280,6 +287,10 @@ class ExtendSettings:
         for name in ("warmup_steps", "lora_rank", "eval_every", "keep_checkpoints", "eval_samples", "write_sparsity"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("memory_lr", "gate_lr", "write_lr", "lora_lr"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
         if not math.isfinite(self.write_bias_shift):
             raise ValueError(f"write_bias_shift must be a finite number, got {self.write_bias_shift}.")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -363,6 +374,9 @@ def start_from_delta(model: PreTrainedModel, path: str | os.PathLike) -> None:
             f"init_delta {path} has LoRA factors; a second stage can start only from a memory-only delta."
         )
     apply_delta(model, path)
+
+
+WRITE_STRENGTH_SUFFIXES = (".memory.write_proj.weight", ".memory.write_proj.bias")
 
 
 def write_biases(model: nn.Module) -> list[nn.Parameter]:
@@ -782,16 +796,16 @@ def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTra
 # --- the run ------------------------------------------------------------------------------------------------------
 
 
-def split_gate_group(model: nn.Module, groups: list[dict], gate_lr: float) -> list[dict]:
-    """The memory gates in a group of their own: a gate opens by its learning rate per step (AdamW), and a closed
-    gate also scales every other memory parameter's gradient, so a faster gate speeds up all the memory's learning."""
-    gates = {id(p) for name, p in model.named_parameters() if name.endswith(".memory.gate") and p.requires_grad}
+def split_group(model: nn.Module, groups: list[dict], suffixes: tuple[str, ...], name: str, lr: float) -> list[dict]:
+    """The memory parameters whose names end with one of `suffixes` moved into a group of their own, `name`, with
+    learning rate `lr`."""
+    chosen = {id(p) for n, p in model.named_parameters() if n.endswith(suffixes) and p.requires_grad}
     split = []
     for group in groups:
-        kept = [p for p in group["params"] if id(p) not in gates]
+        kept = [p for p in group["params"] if id(p) not in chosen]
         if group["name"] == "memory":
-            moved = [p for p in group["params"] if id(p) in gates]
-            split.append({**group, "params": moved, "name": "memory_gate", "lr": gate_lr})
+            moved = [p for p in group["params"] if id(p) in chosen]
+            split.append({**group, "params": moved, "name": name, "lr": lr})
         if kept:
             split.append({**group, "params": kept})
     return [group for group in split if group["params"]]
@@ -934,8 +948,12 @@ def extend(
         )
 
     groups = memory_parameter_groups(model, settings.lora_lr, settings.lora_weight_decay, settings.memory_lr)
+    # A gate opens by its learning rate per step (AdamW), and a closed gate also scales every other memory
+    # parameter's gradient, so a faster gate speeds up all the memory's learning.
     if settings.gate_lr is not None:
-        groups = split_gate_group(model, groups, settings.gate_lr)
+        groups = split_group(model, groups, (".memory.gate",), "memory_gate", settings.gate_lr)
+    if settings.write_lr is not None:
+        groups = split_group(model, groups, WRITE_STRENGTH_SUFFIXES, "memory_write", settings.write_lr)
     optimizer = torch.optim.AdamW(groups)
     scheduler = make_scheduler(optimizer, settings)
 

@@ -307,6 +307,8 @@ def test_nothing_to_train_is_refused(source, tmp_path):
 def test_bad_settings_are_refused_by_name():
     with pytest.raises(ValueError, match="write_bias_shift must be a finite number, got nan"):
         ExtendSettings(write_bias_shift=float("nan"))
+    with pytest.raises(ValueError, match="write_lr must be a finite number >= 0, got -0.01"):
+        ExtendSettings(write_lr=-0.01)
     with pytest.raises(ValueError, match="length_end"):
         ExtendSettings(length_start=1024, length_end=512)
     with pytest.raises(ValueError, match="Unknown sample kinds"):
@@ -392,6 +394,20 @@ def test_the_gates_get_their_own_learning_rate(source, tmp_path):
     gates = [p for n, p in load_file(tmp_path / DELTA_FILE).items() if n.endswith(".memory.gate")]
     # AdamW moves each gate by about its learning rate per step: two steps at 0.1 open them far past 2 * 1e-2.
     assert max(g.abs().max().item() for g in gates) > 0.1
+
+
+def test_the_write_strength_gets_its_own_learning_rate(source, tmp_path):
+    settings = ExtendSettings(**{**SETTINGS, "steps": 2, "warmup_steps": 0, "write_lr": 0.5})
+    extend(source, tmp_path, settings)
+    lrs = log_records(tmp_path)[-1]["lr"]
+    assert lrs["memory_write"] == 0.5 and lrs["memory"] == settings.memory_lr
+    start = load_model(source, settings)
+    first = {n: p for n, p in start.named_parameters() if n.endswith(".memory.write_proj.bias")}
+    trained = {n: p for n, p in load_file(tmp_path / DELTA_FILE).items() if n in first}
+    assert trained.keys() == first.keys()
+    # The gates start closed, so the writes get no gradient before the first step; AdamW then moves each parameter
+    # by about its learning rate: far past memory_lr's 1e-2.
+    assert max((trained[n] - first[n]).abs().max().item() for n in first) > 0.1
 
 
 def test_a_conversion_can_start_with_a_low_write_strength(source):
