@@ -61,12 +61,11 @@ def main() -> None:
     if args.recentre:
         data = LongContextData(tokenizer, NaturalText.for_split(tokenizer, "train"))
         text = data.generate("language_modelling", CENTERING_TOKENS + model.config.sliding_window, 0)
-        trained = {name: param.clone() for name, param in model.named_parameters()}
-        close_memory_gates(model)
+        opened = close_memory_gates(model)
         calibrate_centering(model, torch.tensor([text["input_ids"]]))
         for name, param in model.named_parameters():
-            if not name.endswith(("key_offset", "query_offset")):
-                param.copy_(trained[name])
+            if name in opened:
+                param.copy_(opened[name])
     start = time.time()
     ids = tokenizer(Path(args.text).read_text(), return_tensors="pt").input_ids[:, : args.tokens]
     result = {"model": args.model, "windowed": args.windowed, "write_bias_shift": args.write_bias_shift}

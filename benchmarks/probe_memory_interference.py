@@ -47,12 +47,16 @@ def load(path: str) -> LlamaMemForCausalLM:
     return apply_delta(LlamaMemForCausalLM.from_llama("smollm2", **delta_conversion(delta)).float(), delta).eval()
 
 
-def close_memory_gates(model) -> None:
-    """Zero every memory read gate: the windowed model the memory was converted from, exactly."""
+def close_memory_gates(model) -> dict[str, torch.Tensor]:
+    """Zero every memory read gate: the windowed model the memory was converted from, exactly. Returns the gates'
+    values before, by parameter name."""
+    opened = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith((".memory.gate", ".memory.token_gate")):
+                opened[name] = param.clone()
                 param.zero_()
+    return opened
 
 
 class WriteMask:
