@@ -112,6 +112,16 @@ DEFAULT_CONVERSION = {
 # Tokens of training text the memory's centring offsets are calibrated on (calibrate_centering).
 CENTERING_TOKENS = 2048
 DEFAULT_WRITE_BIAS = -3.0
+# The write-strength logits `write_supervision` asks for. A delta-rule write of strength beta erases about
+# beta * c^2 of what is stored along its key (c: the keys' cosine), so a needle outlives about 1 / (beta c^2) filler
+# writes: at c^2 ~ 0.3 (v4's keys) a filler logit of -10 (beta 4.5e-5) keeps a needle past 64K tokens, while a
+# statement written at +2 (beta 0.88) replaces what its key held.
+FILLER_WRITE_LOGIT = -10.0
+STATEMENT_WRITE_LOGIT = 2.0
+# The filler's side of that hinge weighs this much more than the statements': where a layer's hidden state cannot
+# tell a statement's "the" from the haystack's, an even weighting holds both writes where they are (beta ~ 0.01, which
+# loses a needle within a few thousand tokens); this one shuts both, and such a layer simply stores nothing.
+FILLER_HINGE_WEIGHT = 4.0
 
 
 def _help(text: str, **extra) -> dict:
@@ -260,6 +270,17 @@ class ExtendSettings:
             "the trained length"
         ),
     )
+    write_supervision: float = field(
+        default=0.0,
+        metadata=_help(
+            "weight of a hinge loss on the write-strength logits, from the samples' own statement masks: every "
+            f"memory layer's write logit pushed to >= {STATEMENT_WRITE_LOGIT:g} on the tokens of what a question may "
+            f"depend on (needles and distractors, records, assignments, a chat's facts) and to <= "
+            f"{FILLER_WRITE_LOGIT:g} on the rest (haystack, language modelling). The answer loss alone lowers every "
+            "write together: the needle's and the filler's strengths stayed within 1.3-1.7x of each other, where a "
+            "needle kept for 8K tokens needs them hundreds of times apart"
+        ),
+    )
     init_delta: str | None = field(
         default=None,
         metadata=_help(
@@ -284,9 +305,13 @@ class ExtendSettings:
             raise ValueError(f"stop_at must be between 1 and steps ({self.steps}), got {self.stop_at}.")
         if not 0.0 <= self.length_ramp <= 1.0:
             raise ValueError(f"length_ramp must be in [0, 1], got {self.length_ramp}.")
-        for name in ("warmup_steps", "lora_rank", "eval_every", "keep_checkpoints", "eval_samples", "write_sparsity"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        for name in (
+            "warmup_steps", "lora_rank", "eval_every", "keep_checkpoints", "eval_samples", "write_sparsity",
+            "write_supervision",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):  # a NaN weight would make every gradient NaN
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
         for name in ("memory_lr", "gate_lr", "write_lr", "lora_lr"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -542,7 +567,7 @@ def sample_losses(model: nn.Module, samples: list[dict]) -> tuple[torch.Tensor, 
 
 
 class WriteStrengths:
-    """Collects, while active, the mean write strength (beta) of every memory write of each forward: a context
+    """Collects, while active, the write strengths (beta) of every memory write of each training forward: a context
     manager holding forward hooks on the memory modules (their "write" step returns [value | key | g | beta])."""
 
     def __init__(self, model: nn.Module):
@@ -560,12 +585,30 @@ class WriteStrengths:
 
     def _record(self, module, args, output) -> None:
         if args[0] == "write" and output.shape[2] and torch.is_grad_enabled():  # training forwards only
-            self.means.append(output[..., -1].mean())
+            self.means.append(output[..., -1])  # [B, Hkv, T']: the tokens that leave the window
 
-    def pop_mean(self) -> torch.Tensor | None:
-        """The mean over the layers of what was recorded since the last call, and forget it."""
-        means, self.means = self.means, []
-        return torch.stack(means).mean() if means else None
+    def pop(self) -> list[torch.Tensor]:
+        """Every layer's write strengths [B, Hkv, T'] recorded since the last call, and forget them."""
+        recorded, self.means = self.means, []
+        return recorded
+
+
+def write_supervision_loss(strengths: list[torch.Tensor], samples: list[dict]) -> torch.Tensor:
+    """The hinge of `ExtendSettings.write_supervision`, per sample (mean over layers and heads): FILLER_HINGE_WEIGHT
+    times the mean of relu(z - FILLER_WRITE_LOGIT) over the sample's written filler tokens, plus the mean of
+    relu(STATEMENT_WRITE_LOGIT - z) over its written statement tokens, z the write logit. A sample writes its
+    first T' tokens (those that leave the window in a forward without a cache)."""
+    written = strengths[0].shape[-1]
+    mask = torch.tensor([s["statement_mask"][:written] for s in samples], device=strengths[0].device)
+    # The logit from beta, clamped where sigmoid underflowed (z < -69): a 0 gradient there, not log(0)'s NaN.
+    beta = torch.stack(strengths).clamp(1e-30, 1 - 1e-7)  # [layers, B, Hkv, T']
+    logits = beta.log() - (-beta).log1p()
+    statement = mask[None, :, None, :].to(logits.dtype).expand_as(logits)
+    filler = 1 - statement
+    over = torch.relu(logits - FILLER_WRITE_LOGIT) * filler
+    under = torch.relu(STATEMENT_WRITE_LOGIT - logits) * statement
+    per_sample = FILLER_HINGE_WEIGHT * over.sum((0, 2, 3)) / filler.sum((0, 2, 3)).clamp_min(1)
+    return per_sample + under.sum((0, 2, 3)) / statement.sum((0, 2, 3)).clamp_min(1)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
@@ -1022,17 +1065,23 @@ def extend(
             began = time.perf_counter()
             samples = stream.batch(step)
             stream.next_step = step + 1
-            losses, write_strengths = [], []
+            losses, write_strengths, write_hinges = [], [], []
             for i in range(0, len(samples), settings.micro_batch_size):
-                part, _ = sample_losses(model, samples[i : i + settings.micro_batch_size])
+                micro = samples[i : i + settings.micro_batch_size]
+                part, _ = sample_losses(model, micro)
                 loss = part.sum() / len(samples)
-                write_strength = meter.pop_mean()
-                if write_strength is not None:
+                strengths = meter.pop()
+                if strengths:
+                    write_strength = torch.stack([s.mean() for s in strengths]).mean()
                     write_strengths.append(write_strength.item())
                     if settings.write_sparsity:
                         loss = loss + settings.write_sparsity * write_strength * len(part) / len(samples)
+                    hinge = write_supervision_loss(strengths, micro)
+                    write_hinges += hinge.detach().tolist()
+                    if settings.write_supervision:
+                        loss = loss + settings.write_supervision * hinge.sum() / len(samples)
                 loss.backward()
-                meter.pop_mean()  # a recomputing backward (gradient checkpointing) runs the hooks again: not counted
+                meter.pop()  # a recomputing backward (gradient checkpointing) runs the hooks again: not counted
                 losses += part.detach().tolist()
             grad_norm = None
             if settings.max_grad_norm > 0:
@@ -1047,6 +1096,7 @@ def extend(
                 "loss_by_kind": _by_kind(losses, samples),
                 "mean_abs_gate": None if gates is None else gates.abs().mean().item(),
                 "mean_write_strength": _mean(write_strengths),
+                "write_hinge": _mean(write_hinges),
                 "max_abs_gate": None if gates is None else gates.abs().max().item(),
                 "grad_norm": grad_norm,
                 "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},

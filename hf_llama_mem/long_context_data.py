@@ -1,6 +1,7 @@
 """Seeded training samples for long-context fine-tuning, in natural language, of an exact length in any tokenizer.
 
-Six kinds (`KINDS`), each a method of `LongContextData` that returns {"input_ids", "labels", "kind", "answer"}:
+Six kinds (`KINDS`), each a method of `LongContextData` that returns {"input_ids", "labels", "statement_mask",
+"kind", "answer"}:
 
 - "passkey": one fact with a number ("Note: the access code for the juniper vault is 48213.") hidden at a random
   depth in a haystack, asked for at the end ("What is the access code for the juniper vault? ..."); with
@@ -15,9 +16,12 @@ Six kinds (`KINDS`), each a method of `LongContextData` that returns {"input_ids
   facts, and at last asks for the first one; the assistant's reply ends in the answer and the end of its turn.
 - "language_modelling": a stretch of natural text, loss on every token.
 
-The retrieval kinds are labelled (-100 elsewhere) only on the answer, which ends the sample. Every statement a
-question depends on ends at least `min_gap` tokens before the question (set it to the attention window W and the
-answer can only come from the memory). The haystack is, per sample, natural text (the Python documentation's
+The retrieval kinds are labelled (-100 elsewhere) only on the answer, which ends the sample. `statement_mask` is 1 on
+the tokens of what a question may depend on (each inserted statement, distractors included; the records; the
+assignments; a conversation's turns that state a fact) and 0 on the haystack, the question and every token of
+language modelling: what a memory should write and what it should let pass (`extend --write-supervision`). Every
+statement a question depends on ends at least `min_gap` tokens before the question (set it to the attention window W
+and the answer can only come from the memory). The haystack is, per sample, natural text (the Python documentation's
 training split, `hf_llama_mem.corpus.python_docs_files`), a few repeated everyday sentences, or both in alternation.
 The templates, sentences and names are this module's own: neither the passkey evaluation's ("The pass key is ...",
 "The grass is green.") nor RULER's ("One of the special magic numbers for ..."), so both stay held-out tests.
@@ -509,14 +513,17 @@ class LongContextData:
         # sentence start; their order is kept.
         positions = sorted(allowed[bisect_right(allowed, rng.randint(0, limit)) - 1] for _ in statements)
         ids, previous = list(self.prefix) + head, 0
+        mask = [0] * len(ids)
         for position, statement in zip(positions, statements, strict=True):
             ids += filler[previous:position] + statement
+            mask += [0] * (position - previous) + [1] * len(statement)
             previous = position
         ids += filler[previous:] + tail
         labels = [-100] * len(ids) + answer_ids
         ids += answer_ids
+        mask += [0] * (len(ids) - len(mask))
         assert len(ids) == length, (len(ids), length)
-        return {"input_ids": ids, "labels": labels, "kind": kind, "answer": answer}
+        return {"input_ids": ids, "labels": labels, "statement_mask": mask, "kind": kind, "answer": answer}
 
     def room(self, length: int, question: str, answer_prefix: str, answer: str) -> int:
         """How many tokens of statements a sample of `length` tokens has room for at most: the question in its
@@ -672,21 +679,25 @@ class LongContextData:
         asking = rng.choice(CHAT_QUESTIONS)
         asked = asking.format(q=question if asking.startswith("{q}") else question[0].lower() + question[1:])
         tail = reply_to_user + self.encode(asked) + user_to_reply + self.encode(prefix)
-        ids = list(self.prefix) + head + self.encode(opening) + user_to_reply
+        ids = list(self.prefix) + head
+        stated = self.encode(opening)
+        mask = [0] * len(ids) + [1] * len(stated)
+        ids += stated + user_to_reply
         ids += self.encode(rng.choice(CHAT_ACKNOWLEDGEMENTS))
+        mask += [0] * (len(ids) - len(mask))
         # Filler turns (a request, then a stretch of natural text as the reply) until the sample is full; the other
         # facts are asides in random requests. The first fact then lies at least min_gap tokens before the question.
         room = length - len(ids) - len(tail) - len(answer_ids)
         requests, sizes = [], []
         asides = [rng.choice(CHAT_ASIDES).format(f=fact) for fact in facts[1:]]
         while True:
-            request = rng.choice(CHAT_REQUESTS)
+            request, aside = rng.choice(CHAT_REQUESTS), False
             if asides and rng.random() < 0.3:
-                request = asides.pop() + " " + request
+                request, aside = asides.pop() + " " + request, True
             cost = len(reply_to_user) + len(self.encode(request)) + len(user_to_reply)
             if room - cost < 16:
                 break
-            requests.append(request)
+            requests.append((request, aside))
             sizes.append(min(rng.randint(48, 320), room - cost))
             room -= cost + sizes[-1]
         if not sizes or sum(sizes) + room < self.min_gap:
@@ -695,18 +706,27 @@ class LongContextData:
                 f"than min_gap={self.min_gap}: use a longer length or a smaller min_gap."
             )
         sizes[-1] += room  # what is left goes to the last reply
-        for request, size in zip(requests, sizes, strict=True):
-            ids += reply_to_user + self.encode(request) + user_to_reply + self.text.draw(size, rng)[0]
+        for (request, aside), size in zip(requests, sizes, strict=True):
+            asked_for = self.encode(request)
+            mask += [0] * len(reply_to_user) + [int(aside)] * len(asked_for)
+            ids += reply_to_user + asked_for + user_to_reply + self.text.draw(size, rng)[0]
+            mask += [0] * (len(ids) - len(mask))
         ids += tail
         labels = [-100] * len(ids) + answer_ids
         ids += answer_ids
+        mask += [0] * (len(ids) - len(mask))
         assert len(ids) == length, (len(ids), length)
-        return {"input_ids": ids, "labels": labels, "kind": "conversation", "answer": answers[0]}
+        return {
+            "input_ids": ids, "labels": labels, "statement_mask": mask, "kind": "conversation", "answer": answers[0],
+        }  # fmt: skip
 
     def language_modelling(self, length: int, rng: random.Random) -> dict:
         tokens, _ = self.text.draw(length - len(self.prefix), rng)
         ids = list(self.prefix) + tokens
-        return {"input_ids": ids, "labels": list(ids), "kind": "language_modelling", "answer": ""}
+        return {
+            "input_ids": ids, "labels": list(ids), "statement_mask": [0] * len(ids), "kind": "language_modelling",
+            "answer": "",
+        }  # fmt: skip
 
     def generate(self, kind: str, length: int, rng: random.Random | int) -> dict:
         """One sample of `kind` and exactly `length` tokens; `rng` a random.Random or a seed."""

@@ -25,9 +25,11 @@ from hf_llama_mem.extend import (
     prepare,
     read_delta_metadata,
     sample_losses,
+    write_supervision_loss,
 )
 from hf_llama_mem.extend import logger as extend_logger
 from hf_llama_mem.long_context_data import DEFAULT_WEIGHTS, LongContextData, NaturalText
+from hf_llama_mem.memory_layer import LlamaMemMemory
 
 from .helpers import TINY_DIMS, assert_close
 
@@ -309,6 +311,8 @@ def test_bad_settings_are_refused_by_name():
         ExtendSettings(write_bias_shift=float("nan"))
     with pytest.raises(ValueError, match="write_lr must be a finite number >= 0, got -0.01"):
         ExtendSettings(write_lr=-0.01)
+    with pytest.raises(ValueError, match="write_supervision must be a finite number >= 0, got nan"):
+        ExtendSettings(write_supervision=float("nan"))
     with pytest.raises(ValueError, match="length_end"):
         ExtendSettings(length_start=1024, length_end=512)
     with pytest.raises(ValueError, match="Unknown sample kinds"):
@@ -433,3 +437,60 @@ def test_write_sparsity_lowers_the_write_strength(source, tmp_path):
 def test_write_sparsity_must_not_be_negative():
     with pytest.raises(ValueError, match="write_sparsity"):
         ExtendSettings(write_sparsity=-1.0)
+
+
+def test_the_write_hinge_asks_statements_to_write_and_filler_to_pass():
+    # Two layers, one head, four written tokens of which the middle two are a statement; logits z = logit(beta).
+    logits = torch.tensor([[[[-12.0, 3.0, 0.0, -4.0]]], [[[-10.0, 2.0, -1.0, -11.0]]]])  # [B=1, H=1, T'=4] each
+    strengths = [torch.sigmoid(z).requires_grad_() for z in logits]
+    sample = {"statement_mask": [0, 1, 1, 0, 0, 0]}  # the last two tokens never leave the window
+    loss = write_supervision_loss(strengths, [sample])
+    # filler over -10: (0 + 6 + 0 + 0) / 4, weighted 4; statements under +2: (0 + 2 + 0 + 3) / 4
+    assert loss.shape == (1,) and loss.item() == pytest.approx(4 * 6 / 4 + 5 / 4, abs=1e-4)
+    loss.sum().backward()
+    assert all(torch.isfinite(s.grad).all() for s in strengths)
+    # Filler so weak that sigmoid underflowed to 0 costs nothing and has a finite gradient (not log(0)'s NaN).
+    gone = [torch.zeros(1, 1, 4, requires_grad=True)]
+    filler_only = {"statement_mask": [0] * 6}
+    assert write_supervision_loss(gone, [filler_only]).item() == 0.0
+    write_supervision_loss(gone, [filler_only]).sum().backward()
+    assert torch.isfinite(gone[0].grad).all()
+
+
+def test_write_supervision_shuts_the_fillers_writes_on_held_out_text(source, tmp_path):
+    settings = {**SETTINGS, "steps": 12, "warmup_steps": 0, "write_lr": 0.1}
+    extend(source, tmp_path / "plain", ExtendSettings(**settings))
+    extend(source, tmp_path / "taught", ExtendSettings(**settings, write_supervision=1.0))
+    plain, taught = log_records(tmp_path / "plain"), log_records(tmp_path / "taught")
+    # The first forward runs before any update: the same hinge, logged whether or not it is trained.
+    assert taught[0]["write_hinge"] == pytest.approx(plain[0]["write_hinge"], rel=1e-6) and plain[0]["write_hinge"] > 1
+    assert sum(r["write_hinge"] for r in taught[-4:]) < 0.7 * sum(r["write_hinge"] for r in plain[-4:])
+    # On samples of held-out text the runs never saw, the filler's writes are much weaker. (This tiny random model's
+    # hidden state can hardly tell a statement's bytes from the haystack's; on SmolLM2 the statements' writes stay
+    # open: README, "Long context from a pretrained Llama".)
+    data = LongContextData(ByT5Tokenizer(), NaturalText.for_split(ByT5Tokenizer(), "eval"), min_gap=WINDOW)
+    samples = [data.generate(kind, 384, 1000 + i) for i, kind in enumerate(["passkey", "multi_needle"] * 2)]
+    filler_logit = {}
+    for name in ("plain", "taught"):
+        delta = tmp_path / name / DELTA_FILE
+        model = LlamaMemForCausalLM.from_llama(source, **delta_conversion(delta))
+        apply_delta(model, delta)
+        filler_logit[name] = sum(write_logits(model, sample)[1] for sample in samples) / len(samples)
+    assert filler_logit["taught"] < filler_logit["plain"] - 1.0, filler_logit
+
+
+def write_logits(model, sample) -> tuple[float, float]:
+    """The mean write logit of a sample's statement tokens and of its filler, over every memory layer and head."""
+    logits = []
+    hooks = [
+        m.write_proj.register_forward_hook(lambda module, args, out: logits.append(out[0]))
+        for m in model.modules()
+        if isinstance(m, LlamaMemMemory)
+    ]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([sample["input_ids"]]))
+    for hook in hooks:
+        hook.remove()
+    z = torch.stack(logits)  # [layers, T', heads]: the tokens that leave the window
+    statement = torch.tensor(sample["statement_mask"][: z.shape[1]], dtype=torch.bool)
+    return z[:, statement].mean().item(), z[:, ~statement].mean().item()

@@ -2,6 +2,7 @@
 templates of their own (not the passkey evaluation's nor RULER's), the mix, the length curriculum, the docs split."""
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,41 @@ def test_the_asked_statement_ends_at_least_min_gap_tokens_before_the_question(da
         statement_end = body.rfind(answer, 0, question_start) + len(answer)
         assert statement_end >= len(answer), f"the answer {answer} is not in the context"
         assert question_start - statement_end >= MIN_GAP
+
+
+def marked_spans(sample) -> list[bytes]:
+    """The runs of tokens the statement mask marks, as bytes."""
+    spans, current = [], []
+    for token, marked in zip(sample["input_ids"], sample["statement_mask"], strict=True):
+        if marked:
+            current.append(token)
+        elif current:
+            spans.append(as_bytes(current))
+            current = []
+    return spans + ([as_bytes(current)] if current else [])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_statement_mask_marks_what_a_question_may_depend_on_and_nothing_else(tokenizer, text, kind):
+    data = LongContextData(tokenizer, text, min_gap=MIN_GAP, chat_fraction=0.5)
+    for seed in range(6):
+        sample = data.generate(kind, 900, seed)
+        assert len(sample["statement_mask"]) == 900 and set(sample["statement_mask"]) <= {0, 1}
+        spans = marked_spans(sample)
+        if kind == "language_modelling":
+            assert spans == []
+            continue
+        # The answer's own statement is marked; the question and the answer after it are not.
+        answer = sample["answer"].split(", ")[0].encode()
+        assert any(answer in span for span in spans), (answer, spans)
+        assert not any(sample["statement_mask"][-len(answer) - 24 :])
+        if kind in ("passkey", "multi_needle"):  # exactly the statements, each a whole fact: no haystack
+            templates = [t[1] for t in lcd.FACT_TEMPLATES + lcd.NAME_FACT_TEMPLATES]
+            for span in spans:
+                assert span[:1] in b"\n " and span[-1:] in b"\n "
+                assert any(all(p in span.decode() for p in re.split(r"\{\w\}", t)) for t in templates), span
+        if kind == "conversation":  # the opening turn states the asked fact
+            assert answer in spans[0]
 
 
 def test_variable_tracking_asks_a_chain_that_is_in_the_context(data):
