@@ -12,7 +12,10 @@ samples (seed 1, depths 0 and 0.5) are scored three ways, each a markdown row:
 - at the first length, on one sample: the geometry of the memory keys, mean |cosine| among filler tokens and between
   needle and filler tokens (a delta-rule write erases what is stored along its key, so keys with cosine c interfere
   by c^2), and the mean write strength (beta) of the needle's digits and of the filler: a memory that writes
-  selectively has the first near 1 and the second near 0. Each averaged over layers and heads.
+  selectively has the first near 1 and the second near 0. Each averaged over layers and heads;
+- with --surprise-above T1,T2,...: per T, the answer loss and exact matches (of the samples at that length) with only
+  the writes of tokens whose surprisal under the windowed model exceeds T, the rest forced to zero: a write strength
+  driven by surprise, tried without training.
 """
 
 import argparse
@@ -82,9 +85,29 @@ def needle_span(sample) -> tuple[int, int]:
     return max(0, start - NEEDLE_MARGIN[0]), start + len(answer) + NEEDLE_MARGIN[1]
 
 
+def surprisal(model, input_ids: torch.LongTensor) -> torch.Tensor:
+    """Each token's -log p(token | what precedes it) under the windowed model (the memory gates closed), [T]; the
+    first token gets 0. Known when the token is read, W tokens before it leaves the window and writes."""
+    opened = close_memory_gates(model)
+    logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
+    params = dict(model.named_parameters())
+    for name, value in opened.items():
+        params[name].copy_(value)
+    nll = F.cross_entropy(logits, input_ids[0, 1:], reduction="none")
+    return torch.cat([nll.new_zeros(1), nll])
+
+
 def answer_loss(model, sample) -> float:
+    return answer_loss_and_exact(model, sample)[0]
+
+
+def answer_loss_and_exact(model, sample) -> tuple[float, bool]:
+    """The teacher-forced answer's loss per token, and whether greedy decoding gets every answer token right."""
     logits = model(input_ids=sample["input_ids"], use_cache=False).logits[0, :-1]
-    return F.cross_entropy(logits, sample["labels"][0, 1:], ignore_index=-100).item()
+    labels = sample["labels"][0, 1:]
+    counted = labels != -100
+    exact = bool((logits[counted].argmax(-1) == labels[counted]).all())
+    return F.cross_entropy(logits, labels, ignore_index=-100).item(), exact
 
 
 def write_geometry(model, sample) -> dict[str, float]:
@@ -121,14 +144,26 @@ def main() -> None:
     parser.add_argument("model", help="a delta file or name, or an extend checkpoint folder")
     parser.add_argument("--lengths", default="1024,2048,4096")
     parser.add_argument("--samples", type=int, default=2, help="samples per length and depth")
+    parser.add_argument(
+        "--surprise-above",
+        default="",
+        help="thresholds T (nats), e.g. 4,6: a column per T with only the writes of tokens whose surprisal under the "
+        "windowed model exceeds T (a write strength driven by surprise, without training)",
+    )
     args = parser.parse_args()
+    thresholds = [float(x) for x in args.surprise_above.split(",") if x]
     model, tokenizer = load(args.model), load_source_tokenizer("smollm2")
     mask = WriteMask(model)
-    print("| length | answer loss, all writes | answer loss, needle's writes only | exact match at depths 0 / 0.5 |")
-    print("|---|---|---|---|")
+    surprise_columns = "".join(f" writes where surprisal > {t:g}: loss (exact) |" for t in thresholds)
+    print(
+        "| length | answer loss, all writes | answer loss, needle's writes only | exact match at depths 0 / 0.5 |"
+        + surprise_columns
+    )
+    print("|---|---|---|---|" + "---|" * len(thresholds))
     for index, length in enumerate(int(x) for x in args.lengths.split(",")):
         task = PasskeyTask(PasskeyOptions(lengths=(length,), depths=DEPTHS, samples=args.samples))
         fmt, generator, losses = task.format_for(tokenizer), seeded_generator(1), {"all": [], "needle": []}
+        gated = {t: [] for t in thresholds}
         samples = [task.build(fmt, length, d, generator) for d in DEPTHS for _ in range(args.samples)]
         if index == 0:
             geometry = write_geometry(model, samples[-1])
@@ -139,10 +174,21 @@ def main() -> None:
             mask.keep[start:end] = True
             losses["needle"].append(answer_loss(model, sample))
             mask.keep = None
+            if thresholds:
+                nll = surprisal(model, sample["input_ids"])
+                for threshold in thresholds:
+                    mask.keep = nll > threshold
+                    gated[threshold].append(answer_loss_and_exact(model, sample))
+                mask.keep = None
         exact = task.evaluate(model, tokenizer, seed=1, progress=False)["grid"][0]
         mean = {kind: sum(v) / len(v) for kind, v in losses.items()}
         cells = " / ".join(f"{e:g}" for e in exact)
-        print(f"| {length} | {mean['all']:.2f} | {mean['needle']:.2f} | {cells} |", flush=True)
+        surprise_cells = ""
+        for threshold in thresholds:
+            scores = gated[threshold]
+            mean_loss, exact_count = sum(s[0] for s in scores) / len(scores), sum(s[1] for s in scores)
+            surprise_cells += f" {mean_loss:.2f} ({exact_count}/{len(scores)}) |"
+        print(f"| {length} | {mean['all']:.2f} | {mean['needle']:.2f} | {cells} |{surprise_cells}", flush=True)
     print(
         f"\nmemory keys at {args.lengths.split(',')[0]} tokens: mean |cos| filler-filler "
         f"{geometry['filler_filler']:.2f}, needle-filler {geometry['needle_filler']:.2f}; "

@@ -18,7 +18,7 @@ import argparse
 import random
 
 import torch
-from probe_memory_interference import NEEDLE_MARGIN, close_memory_gates, load, needle_span
+from probe_memory_interference import NEEDLE_MARGIN, load, needle_span, surprisal
 
 from hf_llama_mem.convert_llama import load_source_tokenizer
 from hf_llama_mem.evals.common import seeded_generator
@@ -38,18 +38,6 @@ def write_inputs(model, input_ids: torch.LongTensor) -> list[torch.Tensor]:
     for hook in hooks:
         hook.remove()
     return found
-
-
-def surprisal(model, input_ids: torch.LongTensor) -> torch.Tensor:
-    """Each token's -log p(token | what precedes it) under the windowed model (the memory gates closed), [T]; the
-    first token gets 0. Known when the token is read, W tokens before it leaves the window and writes."""
-    opened = close_memory_gates(model)
-    logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
-    params = dict(model.named_parameters())
-    for name, value in opened.items():
-        params[name].copy_(value)
-    nll = torch.nn.functional.cross_entropy(logits, input_ids[0, 1:], reduction="none")
-    return torch.cat([nll.new_zeros(1), nll])
 
 
 def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
