@@ -78,11 +78,18 @@ class WriteMask:
         return torch.where(keep[None, :, None], output, torch.full_like(output, -1e4))
 
 
-def needle_span(sample) -> tuple[int, int]:
+def needle_digits(sample) -> slice:
+    """Where the key's digits first stand in the sample (the needle; the answer repeats them at the end)."""
     ids, labels = sample["input_ids"][0].tolist(), sample["labels"][0]
     answer = sample["input_ids"][0][labels != -100].tolist()
     start = next(i for i in range(len(ids)) if ids[i : i + len(answer)] == answer)
-    return max(0, start - NEEDLE_MARGIN[0]), start + len(answer) + NEEDLE_MARGIN[1]
+    return slice(start, start + len(answer))
+
+
+def needle_span(sample) -> tuple[int, int]:
+    """The needle sentence: the digits and NEEDLE_MARGIN tokens around them."""
+    digits = needle_digits(sample)
+    return max(0, digits.start - NEEDLE_MARGIN[0]), digits.stop + NEEDLE_MARGIN[1]
 
 
 def surprisal(model, input_ids: torch.LongTensor) -> torch.Tensor:
@@ -125,7 +132,7 @@ def write_geometry(model, sample) -> dict[str, float]:
     for hook in hooks:
         hook.remove()
     start, end = needle_span(sample)
-    digits = slice(start + NEEDLE_MARGIN[0], end - NEEDLE_MARGIN[1])
+    digits = needle_digits(sample)
     found = {"filler_filler": [], "needle_filler": [], "needle_beta": [], "filler_beta": []}
     for layer_entries in entries.values():
         for head in layer_entries:  # [T', 2D + 2]: value, unit key, g, beta

@@ -18,7 +18,7 @@ import argparse
 import random
 
 import torch
-from probe_memory_interference import NEEDLE_MARGIN, load, needle_span, surprisal
+from probe_memory_interference import load, needle_digits, needle_span, surprisal
 
 from hf_llama_mem.convert_llama import load_source_tokenizer
 from hf_llama_mem.evals.common import seeded_generator
@@ -73,9 +73,10 @@ def held_out_needles(model, tokenizer, length: int) -> list[tuple[list[torch.Ten
     out = []
     for depth in (0.0, 0.5):
         sample = task.build(fmt, length, depth, generator)
-        start, end = needle_span(sample)
-        digits = slice(start + NEEDLE_MARGIN[0], end - NEEDLE_MARGIN[1])
-        out.append((write_inputs(model, sample["input_ids"]), digits, surprisal(model, sample["input_ids"])))
+        inputs = write_inputs(model, sample["input_ids"])
+        written = inputs[0].shape[0]  # the tokens that leave the window: what a write gate decides on
+        nll = surprisal(model, sample["input_ids"])[:written]
+        out.append((inputs, needle_digits(sample), needle_span(sample), nll))
     return out
 
 
@@ -103,9 +104,9 @@ def main() -> None:
     held_out = held_out_needles(model, tokenizer, args.length)
     # A signal no gate has to learn: the token's own surprisal, scored the same two ways.
     needle, filler = [], []
-    for _, digits, nll in held_out:
+    for _, digits, (start, end), nll in held_out:
         keep = torch.ones(len(nll), dtype=torch.bool)
-        keep[digits.start - NEEDLE_MARGIN[0] : digits.stop + NEEDLE_MARGIN[1]] = False
+        keep[start:end] = False
         needle.append(nll[digits])
         filler.append(nll[keep])
     needle, filler = torch.cat(needle), torch.cat(filler)
@@ -123,10 +124,10 @@ def main() -> None:
         scores = features @ w + b
         train_auc = auc(scores[labels], scores[~labels])
         needle, filler = [], []
-        for inputs, digits, _ in held_out:
+        for inputs, digits, (start, end), _ in held_out:
             s = inputs[layer] @ w + b
             keep = torch.ones(len(s), dtype=torch.bool)
-            keep[digits.start - NEEDLE_MARGIN[0] : digits.stop + NEEDLE_MARGIN[1]] = False
+            keep[start:end] = False
             needle.append(s[digits])
             filler.append(s[keep])
         needle, filler = torch.cat(needle), torch.cat(filler)
