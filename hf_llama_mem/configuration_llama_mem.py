@@ -73,6 +73,15 @@ class LlamaMemConfig(LlamaConfig):
             state (one weight row per head), added to the per-head gate and starting at zero. With a per-head gate
             alone every token gets the memory's read at the same strength, needed or not: on a pretrained model,
             trained on retrieval, that costs the perplexity of ordinary text past W.
+        memory_write_surprisal_threshold (`float | None`): None (default): every token writes when it leaves the
+            window, with its learned write strength. A number T >= 0 (nats): a token writes only if the model itself
+            found it surprising, -log p(token | everything before it) > T; every other token's write strength is
+            zero. It is causal (the surprisal is known when the token is read, W steps before it writes), needs the
+            LM head (`LlamaMemForCausalLM`) and input_ids, and runs a forward in pieces of W - 1 tokens through a
+            cache, so that every token's surprisal is known before it writes. Why: on SmolLM2 a learned write
+            projection could not tell an unseen format's facts from its filler, while surprisal could (README,
+            "Long context from a pretrained Llama"); the first token of a sequence has no prediction and writes
+            nothing.
         memory_gate_init (`float`): starting value of the per-head gate on the memory read in a freshly initialised
             model. 1.0 (open) learns associative recall fastest; for language modelling from scratch, 0.0 with a
             larger learning rate on the memory parameters trained better in our runs (see examples/train_clm.py).
@@ -113,6 +122,7 @@ class LlamaMemConfig(LlamaConfig):
     memory_projection_rank: int = 0
     memory_centering: bool = False
     memory_token_gate: bool = False
+    memory_write_surprisal_threshold: float | int | None = None
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):
@@ -167,6 +177,19 @@ class LlamaMemConfig(LlamaConfig):
         gate = self.memory_gate_init
         if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not math.isfinite(gate):
             raise ValueError(f"memory_gate_init must be a finite number, got {gate!r}.")
+        threshold = self.memory_write_surprisal_threshold
+        if threshold is not None:
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+                raise ValueError(
+                    f"memory_write_surprisal_threshold must be None or a number of nats >= 0, got {threshold!r}."
+                )
+            if not math.isfinite(threshold):
+                raise ValueError(f"memory_write_surprisal_threshold must be finite, got {threshold!r}.")
+            if self.sliding_window < 2:
+                raise ValueError(
+                    f"memory_write_surprisal_threshold needs sliding_window >= 2 (a token's surprisal is known one "
+                    f"step after it is read), got sliding_window={self.sliding_window}."
+                )
         if self.memory_rule not in MEMORY_RULES:
             raise ValueError(f"memory_rule must be one of {MEMORY_RULES}, got {self.memory_rule!r}.")
         if self.memory_layers is not None:

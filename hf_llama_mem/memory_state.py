@@ -45,11 +45,11 @@ OLD_FORMATS = {
     "1": "whose weight fingerprint covered only part of the weights",
     "2": "which kept the memory's entries inside the window values",
 }
-STATE_KINDS = ("keys", "values", "memory_entries", "conv_states", "recurrent_states")
+STATE_KINDS = ("keys", "values", "memory_entries", "conv_states", "recurrent_states", "next_token_log_probs")
 # Per-token tensors of the window, [B, Hkv, tokens, ...]: each holds min(seen_tokens, W - 1) tokens.
 WINDOW_KINDS = ("keys", "values", "memory_entries")
 # Kept in float32 whatever the model dtype.
-FLOAT32_KINDS = ("memory_entries", "recurrent_states")
+FLOAT32_KINDS = ("memory_entries", "recurrent_states", "next_token_log_probs")
 HISTORY_IDS, HISTORY_MASK = "history.input_ids", "history.attention_mask"
 REQUIRED_METADATA = ("format_version", "seen_tokens", "layout", "weights")
 # Tokens of the forward that shows which state the model keeps (`reference_cache`).
@@ -152,7 +152,8 @@ def layout_of_cache(cache: DynamicCache) -> list[dict]:
 
 def layer_states(layer) -> dict[str, torch.Tensor]:
     """The tensors of one cache layer that a memory file keeps, by kind (STATE_KINDS)."""
-    states = {kind: getattr(layer, kind, None) for kind in WINDOW_KINDS}
+    # next_token_log_probs: with surprisal-gated writes, the prediction of the next call's first token
+    states = {kind: getattr(layer, kind, None) for kind in (*WINDOW_KINDS, "next_token_log_probs")}
     for kind in ("conv_states", "recurrent_states"):
         states[kind] = getattr(layer, kind, {}).get(0)
     return {kind: tensor for kind, tensor in states.items() if tensor is not None}
@@ -227,8 +228,9 @@ def load_memory(path: str | os.PathLike, model: PreTrainedModel) -> DynamicCache
         layer.lazy_initialization(saved["keys"], saved["values"])
         layer.keys, layer.values = saved["keys"], saved["values"]
         layer.cumulative_length = seen
-        if "memory_entries" in saved:
-            layer.memory_entries = saved["memory_entries"]
+        for kind in ("memory_entries", "next_token_log_probs"):
+            if kind in saved:
+                setattr(layer, kind, saved[kind])
         if "conv_states" in saved:
             layer.update_conv_state(saved["conv_states"], conv_kernel_size=conv_taps)
         if "recurrent_states" in saved:

@@ -36,6 +36,7 @@ from .causal_lm_loss import causal_lm_loss
 from .configuration_llama_mem import LlamaMemConfig
 from .fixed_cache import FixedWindowLayer
 from .memory_layer import LlamaMemMemory, LowRankCorrection
+from .surprisal_writes import surprisal_gated_forward
 from .windowed_attention import (
     WindowView,
     check_not_packed,
@@ -256,6 +257,11 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         (`check_not_packed`).
         """
         check_no_attention_weights(output_attentions, self.config)
+        if self.config.memory_write_surprisal_threshold is not None and not kwargs.pop("surprisal_gated", False):
+            raise ValueError(
+                "memory_write_surprisal_threshold gates the writes by the LM head's predictions: run "
+                "LlamaMemForCausalLM, or set the threshold to None to run the decoder alone."
+            )
         cache = resolve_cache_argument(cache, past_key_values)
         inputs_embeds = self.embed(input_ids, inputs_embeds)
         batch, length = inputs_embeds.shape[:2]
@@ -507,19 +513,25 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
         `LlamaMemModel.forward`)."""
         check_no_attention_weights(output_attentions, self.config)
         check_not_packed(None, None, 0, kwargs)  # a packed batch's varlen arguments (position_ids: in the model)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=resolve_cache_argument(cache, past_key_values),
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        cache = resolve_cache_argument(cache, past_key_values)
+        if self.config.memory_write_surprisal_threshold is not None:
+            logits, all_hidden_states, cache = surprisal_gated_forward(
+                self, input_ids, attention_mask, position_ids, cache, use_cache, output_hidden_states, logits_to_keep
+            )
+        else:
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
+            all_hidden_states, cache = outputs.hidden_states, getattr(outputs, CACHE_FIELD)
         loss = None
         # Under sequence/context parallelism Trainer passes pre-shifted targets as `shift_labels` (with or without the
         # labels they came from): the loss is over those, as transformers' ForCausalLMLoss computes it.
@@ -530,8 +542,8 @@ class LlamaMemForCausalLM(LlamaMemPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            hidden_states=outputs.hidden_states,
-            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+            hidden_states=all_hidden_states,
+            **{CACHE_FIELD: cache},
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()

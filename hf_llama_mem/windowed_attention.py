@@ -361,6 +361,9 @@ class LlamaMemCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     def __init__(self, sliding_window: int, number_of_states: int = 1, **kwargs):
         super().__init__(sliding_window=sliding_window, number_of_states=number_of_states)
         self.memory_entries: torch.Tensor | None = None
+        # With surprisal-gated writes, the first memory layer's also keeps the log-probabilities [B, vocab] the last
+        # call predicted for the next token (surprisal_writes.py).
+        self.next_token_log_probs: torch.Tensor | None = None
 
     def update_memory_entries(self, entries: torch.Tensor) -> torch.Tensor:
         """Append this call's entries [B, Hkv, T, D + 2]; returns those of the cached window and this call, as
@@ -371,9 +374,11 @@ class LlamaMemCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         return entries
 
     def _apply_to_row_states(self, function) -> None:
-        """`function` on each per-row tensor beyond keys and values: memory entries, conv and recurrent states."""
-        if self.memory_entries is not None:
-            self.memory_entries = function(self.memory_entries)
+        """`function` on each per-row tensor beyond keys and values: memory entries, next-token log-probabilities, conv
+        and recurrent states."""
+        for name in ("memory_entries", "next_token_log_probs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, function(getattr(self, name)))
         for index in range(self.number_of_states):
             if self.is_conv_states_initialized[index]:
                 self.conv_states[index] = function(self.conv_states[index])
@@ -382,8 +387,10 @@ class LlamaMemCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)  # keys, values, conv and recurrent states
-        if self.memory_entries is not None:
-            self.memory_entries = self.memory_entries.index_select(0, beam_idx.to(self.memory_entries.device))
+        for name in ("memory_entries", "next_token_log_probs"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)  # keys and values
@@ -395,7 +402,7 @@ class LlamaMemCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.memory_entries = None
+        self.memory_entries = self.next_token_log_probs = None
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:

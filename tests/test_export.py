@@ -60,6 +60,7 @@ EXPORTED_CODE = {
     "memory_layer.py",
     "memory_ops.py",
     "modeling_llama_mem.py",
+    "surprisal_writes.py",
     "windowed_attention.py",
 }
 

@@ -1,0 +1,119 @@
+"""Writes gated by surprisal (config.memory_write_surprisal_threshold): a token writes into the memory only if the
+model itself found it surprising, -log p(token | everything before it) > T.
+
+Why it is causal and exact: token t writes when it leaves the window, at step t + W, and its surprisal is known at
+step t (from the logits at t - 1 and the token itself). So the forward runs in pieces of at most W - 1 tokens through
+a cache: after each piece's logits, the write strength of its tokens, still in the cache's window, is zeroed where the
+surprisal is at most T; the tokens that leave the window during a piece are all from earlier pieces. A piece split
+is exact, so one forward equals chunked prefill plus decode here too. The first token of a call takes its surprisal
+from the log-probabilities the previous call left in the cache (`NEXT_TOKEN_LOG_PROBS`, a per-row state that beam
+search reorders and memory files keep); a token with no prediction before it (a sequence's first, the first real
+token after left padding) writes nothing.
+"""
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from .fixed_cache import FixedWindowLayer
+from .windowed_attention import prepare_cache
+
+__all__ = ["NEXT_TOKEN_LOG_PROBS", "surprisal_gated_forward"]
+
+# The cache state (on the first memory layer's cache layer) holding the log-probabilities [B, vocab] the last call
+# predicted for the token after it: the surprisal of the next call's first token.
+NEXT_TOKEN_LOG_PROBS = "next_token_log_probs"
+
+
+def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, use_cache, output_hidden_states, keep):
+    """LlamaMemForCausalLM's decoder and LM head with surprisal-gated writes.
+
+    Returns the logits of the positions `keep` selects (LlamaMemForCausalLM's `logits_to_keep` as an int k > 0, the
+    last k; 0, all; or an index tensor), the hidden states of every layer when asked (else None) and the cache (None
+    unless one was given or use_cache)."""
+    config = lm.config
+    if input_ids is None:
+        raise ValueError(
+            "memory_write_surprisal_threshold gates each token's write by its surprisal, which needs input_ids "
+            "(got inputs_embeds)."
+        )
+    if lm.model.gradient_checkpointing and lm.training and torch.is_grad_enabled():
+        raise ValueError(
+            "memory_write_surprisal_threshold runs the forward in pieces through a cache, which gradient "
+            "checkpointing cannot replay: disable one of them."
+        )
+    use_cache = use_cache if use_cache is not None else (config.use_cache and not lm.training)
+    returned = cache is not None or use_cache
+    cache = prepare_cache(cache if cache is not None else DynamicCache(config=config), config)
+    if any(isinstance(layer, FixedWindowLayer) for layer in cache.layers):
+        raise ValueError(
+            "memory_write_surprisal_threshold works with a DynamicCache, not a fixed-shape cache (StaticCache, "
+            "compiled decoding): set the threshold to None there."
+        )
+    threshold = config.memory_write_surprisal_threshold
+    batch, length = input_ids.shape
+    past = cache.get_seq_length()
+    piece = config.sliding_window - 1
+    first_kept = length - keep if isinstance(keep, int) and keep > 0 else 0
+    kept_logits, hidden_pieces = [], []
+    for start in range(0, max(length, 1), piece):
+        end = min(start + piece, length)
+        outputs = lm.model(
+            input_ids=input_ids[:, start:end],
+            attention_mask=None if attention_mask is None else attention_mask[:, : past + end],
+            position_ids=None if position_ids is None else position_ids[:, start:end],
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            surprisal_gated=True,
+        )
+        logits = lm.lm_head(outputs.last_hidden_state)
+        gate_writes(cache, input_ids[:, start:end], logits, attention_mask, past + start, threshold)
+        if end > first_kept:
+            kept_logits.append(logits[:, max(first_kept - start, 0) :])
+        if output_hidden_states:
+            hidden_pieces.append(outputs.hidden_states)
+    logits = torch.cat(kept_logits, dim=1)
+    if not isinstance(keep, int):
+        logits = logits[:, keep]
+    hidden_states = None
+    if output_hidden_states:
+        hidden_states = tuple(torch.cat(states, dim=1) for states in zip(*hidden_pieces, strict=True))
+    return logits, hidden_states, cache if returned else None
+
+
+def gate_writes(cache, input_ids, logits, attention_mask, first_position: int, threshold: float) -> None:
+    """Zero the write strength of the tokens of one piece (the last T' of every memory layer's cached window) whose
+    surprisal is at most `threshold`, and keep the piece's last prediction for the next piece or call.
+
+    input_ids [B, T'], logits [B, T', vocab] of positions first_position ...; attention_mask [B, past + T] or None."""
+    memory_layers = [layer for layer in cache.layers if hasattr(layer, "memory_entries")]
+    if not memory_layers or input_ids.shape[1] == 0:
+        return
+    log_probs = logits.float().log_softmax(-1)
+    with torch.no_grad():  # the gate is a decision, not a function to differentiate
+        inner = -log_probs[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]
+        before = getattr(memory_layers[0], NEXT_TOKEN_LOG_PROBS, None)
+        if before is None:  # no prediction of the first token: it writes nothing
+            first = inner.new_zeros(input_ids.shape[0], 1)
+        else:
+            first = -before.gather(-1, input_ids[:, :1])
+        writes = torch.cat([first, inner], dim=1) > threshold  # [B, T']
+        if first_position == 0:
+            writes[:, 0] = False
+        if attention_mask is not None:  # a prediction made at a padded position predicts nothing
+            previous = attention_mask[:, max(first_position - 1, 0) : first_position - 1 + input_ids.shape[1]]
+            if first_position == 0:
+                previous = torch.cat([previous.new_zeros(previous.shape[0], 1), previous], dim=1)
+            writes &= previous.bool()
+    tokens = input_ids.shape[1]
+    for layer in memory_layers:
+        entries = layer.memory_entries  # [B, Hkv, window tokens, D + 2]: ... g, beta
+        scale = writes.to(entries.dtype)[:, None, :, None]
+        if entries.requires_grad:  # a forward that records gradients: a new tensor, the old one may be saved
+            beta = entries[:, :, -tokens:, -1:] * scale
+            kept = torch.cat([entries[:, :, -tokens:, :-1], beta], dim=-1)
+            layer.memory_entries = torch.cat([entries[:, :, :-tokens], kept], dim=2)
+        else:
+            entries[:, :, -tokens:, -1:] *= scale
+    setattr(memory_layers[0], NEXT_TOKEN_LOG_PROBS, log_probs[:, -1].detach())

@@ -1,0 +1,182 @@
+"""Surprisal-gated writes (config.memory_write_surprisal_threshold): a token writes into the memory only if the model
+itself found it surprising. The gate is checked against its definition (a plain model whose writes are forced shut
+wherever the gated model's own logits say the token was not surprising), and every path's promises hold with it:
+one forward equals chunked prefill plus decode, padding changes nothing, beams and memory files carry the state."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, StaticCache
+
+from hf_llama_mem import LlamaMemModel, load_memory, save_memory
+from hf_llama_mem.modeling_llama_mem import CACHE_FIELD
+
+from .helpers import assert_close, tiny_config, tiny_model
+
+WINDOW = 8
+
+
+def own_surprisal(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """-log p(token | before) from a forward's own logits [B, T, V]; the first token gets 0 (no prediction)."""
+    nll = -F.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return torch.cat([nll.new_zeros(ids.shape[0], 1), nll], dim=1)
+
+
+def gated_pair(threshold=None):
+    """The same weights twice: without the threshold, and with it (at the median surprisal of the first, unless
+    given). The memory parameters are random, so every write and read matters."""
+    torch.manual_seed(0)
+    plain = tiny_model()
+    with torch.no_grad():
+        for name, param in plain.named_parameters():
+            if ".memory." in name:
+                param.normal_(0, 0.5)
+    ids = torch.randint(1, 256, (2, 6 * WINDOW + 3))
+    if threshold is None:
+        with torch.no_grad():
+            threshold = own_surprisal(plain(ids).logits, ids).median().item()
+    gated = tiny_model(memory_write_surprisal_threshold=threshold)
+    gated.load_state_dict(plain.state_dict())
+    return plain, gated, ids, threshold
+
+
+class ForcedWrites:
+    """Forces the write strength of every token outside `keep` [B, T] to zero on a plain model (write logit -inf)."""
+
+    def __init__(self, model, keep):
+        self.keep = keep
+        self.handles = [
+            module.register_forward_hook(self.hook)
+            for name, module in model.named_modules()
+            if name.endswith("memory.write_proj")
+        ]
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def hook(self, module, args, output):
+        keep = self.keep[:, : output.shape[1]]  # without a cache only the tokens that leave the window write
+        return torch.where(keep[..., None], output, torch.full_like(output, -float("inf")))
+
+
+def test_a_token_writes_exactly_when_its_own_surprisal_exceeds_the_threshold():
+    plain, gated, ids, threshold = gated_pair()
+    with torch.no_grad():
+        logits = gated(ids).logits
+        writes = own_surprisal(logits, ids) > threshold
+        assert 0 < writes[:, :-WINDOW].sum() < writes[:, :-WINDOW].numel()  # the gate decides both ways
+        forced = ForcedWrites(plain, writes)
+        assert_close(logits, plain(ids).logits, atol=1e-5, what="gated model vs writes forced by its own surprisal")
+        forced.remove()
+        everything = plain(ids).logits
+    assert (logits - everything).abs().max() > 1e-2  # the gated writes are not all writes
+
+
+def test_a_threshold_above_every_surprisal_is_the_windowed_model():
+    plain, gated, ids, _ = gated_pair(threshold=1e6)
+    with torch.no_grad():
+        for name, param in plain.named_parameters():
+            if name.endswith(".memory.gate"):
+                param.zero_()
+        assert_close(gated(ids).logits, plain(ids).logits, atol=1e-5, what="no writes vs closed gates")
+
+
+def test_one_forward_equals_chunked_prefill_plus_decode():
+    _, gated, ids, _ = gated_pair()
+    with torch.no_grad():
+        whole = gated(ids, use_cache=False).logits
+        cache = DynamicCache(config=gated.config)
+        pieces, start = [], 0
+        for size in (13, 3, 1, 20):  # a prefill longer than the window, shorter pieces, then decode steps
+            pieces.append(gated(ids[:, start : start + size], use_cache=True, **{CACHE_FIELD: cache}).logits)
+            start += size
+        while start < ids.shape[1]:
+            pieces.append(gated(ids[:, start : start + 1], use_cache=True, **{CACHE_FIELD: cache}).logits)
+            start += 1
+    assert_close(torch.cat(pieces, dim=1), whole, atol=1e-5, what="prefill + decode vs one forward")
+
+
+def test_left_padding_changes_nothing():
+    _, gated, ids, _ = gated_pair()
+    short = ids[:1, 5:]
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), short], dim=1)
+    batch = torch.cat([padded, ids[1:]], dim=0)
+    mask = torch.ones_like(batch)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        together = gated(batch, attention_mask=mask).logits
+        assert_close(together[0, 5:], gated(short).logits[0], atol=1e-5, what="padded row vs alone")
+        assert_close(together[1], gated(ids[1:]).logits[0], atol=1e-5, what="unpadded row vs alone")
+
+
+def test_greedy_and_beam_generation_follow_the_forward():
+    _, gated, ids, _ = gated_pair()
+    prompt = ids[:, :20]
+    out = gated.generate(prompt, max_new_tokens=30, do_sample=False)
+    with torch.no_grad():
+        loop = prompt
+        for _ in range(30):
+            loop = torch.cat([loop, gated(loop).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, loop)
+    beams = dict(max_new_tokens=20, num_beams=3, do_sample=False, num_return_sequences=2)
+    assert torch.equal(gated.generate(prompt, **beams), gated.generate(prompt, use_cache=False, **beams))
+
+
+def test_a_memory_file_keeps_the_next_tokens_prediction(tmp_path):
+    _, gated, ids, _ = gated_pair()
+    with torch.no_grad():
+        cache = DynamicCache(config=gated.config)
+        gated(ids[:, :30], use_cache=True, **{CACHE_FIELD: cache})
+        save_memory(cache, tmp_path / "memory.safetensors", model=gated)
+        loaded = load_memory(tmp_path / "memory.safetensors", gated)
+        continued = gated(ids[:, 30:], use_cache=True, **{CACHE_FIELD: loaded}).logits
+        original = gated(ids[:, 30:], use_cache=True, **{CACHE_FIELD: cache}).logits
+    assert torch.equal(continued, original)
+
+
+def test_gradients_reach_the_memory_through_the_pieces():
+    _, gated, ids, _ = gated_pair()
+    gated.train()
+    loss = gated(ids, labels=ids).loss
+    loss.backward()
+    write = gated.model.layers[0].self_attn.memory.write_proj.weight.grad
+    assert write is not None and write.abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (-1.0, "a number of nats >= 0, got -1.0"),
+        (float("nan"), "a number of nats >= 0, got nan"),
+        (float("inf"), "must be finite, got inf"),
+    ],
+)
+def test_a_bad_threshold_is_refused_by_name(value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(memory_write_surprisal_threshold=value)
+
+
+def test_a_threshold_of_the_wrong_type_is_refused_by_name():
+    with pytest.raises(TypeError, match="memory_write_surprisal_threshold"):
+        tiny_config(memory_write_surprisal_threshold=True)
+
+
+def test_a_window_of_one_is_refused_with_a_threshold():
+    with pytest.raises(ValueError, match="needs sliding_window >= 2"):
+        tiny_config(memory_write_surprisal_threshold=2.0, sliding_window=1)
+
+
+def test_what_cannot_compute_a_surprisal_is_refused():
+    _, gated, ids, _ = gated_pair()
+    with pytest.raises(ValueError, match="run LlamaMemForCausalLM"):
+        LlamaMemModel(gated.config)(ids)
+    with pytest.raises(ValueError, match="needs input_ids"):
+        gated(inputs_embeds=gated.get_input_embeddings()(ids))
+    static = StaticCache(config=gated.config, max_cache_len=64)
+    with pytest.raises(ValueError, match="not a fixed-shape cache"):
+        gated(ids[:, :4], use_cache=True, **{CACHE_FIELD: static})
+    gated.gradient_checkpointing_enable()
+    gated.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        gated(ids, labels=ids)
