@@ -105,6 +105,11 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def threshold_or_none(text: str) -> tuple[float | None]:
+    """A finite number >= 0, or 'none'; in a 1-tuple, so that an explicit none differs from the option left out."""
+    return (None,) if text.lower() == "none" else (nonnegative_float(text),)
+
+
 def number_list(item: Callable, what: str, allow_empty: bool = False) -> Callable[[str], list]:
     """Comma-separated values, each parsed by `item`; an empty list is an error unless `allow_empty`."""
 
@@ -296,6 +301,12 @@ def add_convert_command(commands) -> None:
         "(smollm2-135m-instruct); its window, rule and memory layers are used",
     )
     p.add_argument(
+        "--surprisal-threshold",
+        type=threshold_or_none,
+        help="memory_write_surprisal_threshold: a token writes into the memory only if the model's surprisal of it "
+        "exceeds this many nats; 'none': every token writes (default: the delta's, else none)",
+    )
+    p.add_argument(
         "--plain",
         action="store_true",
         help="save the source itself as a plain transformers folder (a GGUF file dequantized): the baseline",
@@ -313,6 +324,9 @@ def convert(args: argparse.Namespace) -> None:
     overrides = {"sliding_window": args.sliding_window, "memory_rule": args.memory_rule}
     if args.memory_layers is not None:
         overrides["memory_layers"] = args.memory_layers
+    extra = {}
+    if args.surprisal_threshold is not None:
+        extra["memory_write_surprisal_threshold"] = args.surprisal_threshold[0]
     summary = convert_checkpoint(
         args.src,
         args.dst,
@@ -321,6 +335,7 @@ def convert(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         check_sequences=args.check_sequences,
         **{k: v for k, v in overrides.items() if v is not None},
+        **extra,
     )
     print(json.dumps(summary, indent=2))
 

@@ -282,9 +282,11 @@ def convert_checkpoint(
     if check_sequences < 1:
         raise ValueError(f"check_sequences must be >= 1 to verify the conversion, got {check_sequences}.")
     if delta_path is not None:
-        from .extend import delta_conversion
+        from .extend import READ_TIME_FIELDS, delta_conversion
 
         for name, value in delta_conversion(delta_path).items():
+            if name in READ_TIME_FIELDS and name in config_overrides:
+                continue  # how the memory is written is the conversion's choice; the delta's is the default
             if name in config_overrides and config_overrides[name] != value:
                 raise ValueError(
                     f"The delta was trained with {name}={value!r}; the conversion asks for {config_overrides[name]!r}."

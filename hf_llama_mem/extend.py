@@ -247,6 +247,13 @@ class ExtendSettings:
             f"default {DEFAULT_CONVERSION['memory_token_gate']})"
         ),
     )
+    memory_write_surprisal_threshold: float | None = field(
+        default=None,
+        metadata=_help(
+            "train (and record in the delta, for the model it converts to) writes gated by surprisal: a token writes "
+            "only if the model's surprisal of it exceeds this many nats (default: an --init-delta's, else none)"
+        ),
+    )
     write_bias_init: float | None = field(
         default=None,
         metadata=_help(
@@ -312,7 +319,7 @@ class ExtendSettings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):  # a NaN weight would make every gradient NaN
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
-        for name in ("memory_lr", "gate_lr", "write_lr", "lora_lr"):
+        for name in ("memory_lr", "gate_lr", "write_lr", "lora_lr", "memory_write_surprisal_threshold"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
@@ -366,7 +373,12 @@ def load_model(src, settings: ExtendSettings) -> PreTrainedModel:
 
     # A later stage converts as the stage whose delta it starts from did, unless the settings say otherwise.
     inherited = delta_conversion(settings.init_delta) if settings.init_delta is not None else {}
-    defaults = {"sliding_window": DEFAULT_WINDOW, "memory_layers": None, **DEFAULT_CONVERSION}
+    defaults = {
+        "sliding_window": DEFAULT_WINDOW,
+        "memory_layers": None,
+        **DEFAULT_CONVERSION,
+        **{name: None for name in READ_TIME_FIELDS},
+    }
     overrides = {}
     for name, default in defaults.items():
         value = getattr(settings, name)
@@ -380,6 +392,9 @@ def load_model(src, settings: ExtendSettings) -> PreTrainedModel:
         differ = [f"{k}: settings {v}, model {have[k]}" for k, v in wanted.items() if v is not None and v != have[k]]
         if differ:
             raise ValueError(f"SRC is already a LlamaMem model and differs from the settings: {'; '.join(differ)}.")
+        for name in READ_TIME_FIELDS:
+            if getattr(settings, name) is not None:
+                setattr(model.config, name, getattr(settings, name))
     else:
         model = LlamaMemForCausalLM.from_llama(src if isinstance(src, PreTrainedModel) else str(src), **overrides)
         # A low write strength at the start keeps the memory from being overwritten by every filler token before it
@@ -553,12 +568,15 @@ def sample_losses(model: nn.Module, samples: list[dict]) -> tuple[torch.Tensor, 
     lm = base_causal_lm(model)
     batch = as_tensors(samples)
     device = lm.device
-    hidden = lm.model(input_ids=batch["input_ids"].to(device), use_cache=False).last_hidden_state
+    input_ids = batch["input_ids"].to(device)
+    # Surprisal-gated writes need the LM head at every position anyway: then the model's own logits.
+    gated = lm.config.memory_write_surprisal_threshold is not None
+    outputs = lm(input_ids=input_ids, use_cache=False) if gated else lm.model(input_ids=input_ids, use_cache=False)
     targets = batch["labels"][:, 1:].to(device)
     losses, correct = [], []
     for i in range(len(samples)):
         positions = (targets[i] != -100).nonzero().squeeze(-1)
-        logits = lm.lm_head(hidden[i, positions])
+        logits = outputs.logits[i, positions] if gated else lm.lm_head(outputs.last_hidden_state[i, positions])
         counted = targets[i, positions]
         # The model's own causal-LM loss (row-blocked for long rows), here on rows that are already shifted.
         losses.append(lm.loss_function(logits=logits, labels=None, vocab_size=logits.shape[-1], shift_labels=counted))
@@ -585,12 +603,17 @@ class WriteStrengths:
 
     def _record(self, module, args, output) -> None:
         if args[0] == "write" and output.shape[2] and torch.is_grad_enabled():  # training forwards only
-            self.means.append(output[..., -1])  # [B, Hkv, T']: the tokens that leave the window
+            self.means.append((module, output[..., -1]))  # [B, Hkv, T']: the tokens that leave the window
 
     def pop(self) -> list[torch.Tensor]:
-        """Every layer's write strengths [B, Hkv, T'] recorded since the last call, and forget them."""
-        recorded, self.means = self.means, []
-        return recorded
+        """Every layer's write strengths [B, Hkv, T'] recorded since the last call, and forget them. A forward in
+        pieces (surprisal-gated writes, through a cache) writes a layer's in several calls: they are joined, and
+        then cover every token (before the gate), not only those that leave the window."""
+        by_layer = {}
+        for module, beta in self.means:
+            by_layer.setdefault(module, []).append(beta)
+        self.means = []
+        return [torch.cat(pieces, dim=-1) for pieces in by_layer.values()]
 
 
 def write_supervision_loss(strengths: list[torch.Tensor], samples: list[dict]) -> torch.Tensor:
@@ -741,6 +764,9 @@ CONVERSION_FIELDS = (
     "memory_centering",
     "memory_token_gate",
 )
+# Settings of how the memory is written that a delta records for the model it converts to, without tying the delta to
+# them: its tensors apply whatever they are set to (no parameter depends on them).
+READ_TIME_FIELDS = ("memory_write_surprisal_threshold",)
 # What a delta written before a field existed was trained with.
 CONVERSION_FIELDS_BEFORE = {"memory_projection_rank": 0, "memory_centering": False, "memory_token_gate": False}
 # The parameters a delta trained without them applies to exactly as zeros (a later stage may add them).
@@ -749,9 +775,10 @@ ADDABLE_PARAMETERS = {"memory_token_gate": ".memory.token_gate"}
 
 def delta_conversion(delta_path: str | os.PathLike) -> dict:
     """The `from_llama` keywords of the conversion a delta applies to (W, memory rule, memory layers, rank,
-    centring)."""
+    centring, token gate) and of the writes it was trained or tuned for (READ_TIME_FIELDS; None if not recorded)."""
     meta = read_delta_metadata(delta_path)
-    return {name: meta.get(name, CONVERSION_FIELDS_BEFORE.get(name)) for name in CONVERSION_FIELDS}
+    conversion = {name: meta.get(name, CONVERSION_FIELDS_BEFORE.get(name)) for name in CONVERSION_FIELDS}
+    return {**conversion, **{name: meta.get(name) for name in READ_TIME_FIELDS}}
 
 
 def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTrainedModel:
@@ -773,6 +800,8 @@ def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTra
     have = config_conversion(config)
     added = set()  # the suffixes of parameters the model has and the delta was trained without: they start at zero
     for name, value in delta_conversion(delta_path).items():
+        if name in READ_TIME_FIELDS:
+            continue
         if name in ADDABLE_PARAMETERS and value is False and have[name] is True:
             added.add(ADDABLE_PARAMETERS[name])
         elif value != have[name]:
@@ -1130,6 +1159,7 @@ def extend(
         "format": DELTA_FORMAT,
         "format_version": DELTA_FORMAT_VERSION,
         **config_conversion(base_config),
+        **{name: getattr(base_config, name) for name in READ_TIME_FIELDS},
         "memory_conv_size": base_config.memory_conv_size,
         "lora": (
             {

@@ -45,11 +45,11 @@ OLD_FORMATS = {
     "1": "whose weight fingerprint covered only part of the weights",
     "2": "which kept the memory's entries inside the window values",
 }
-STATE_KINDS = ("keys", "values", "memory_entries", "conv_states", "recurrent_states", "next_token_log_probs")
+STATE_KINDS = ("keys", "values", "memory_entries", "conv_states", "recurrent_states")
 # Per-token tensors of the window, [B, Hkv, tokens, ...]: each holds min(seen_tokens, W - 1) tokens.
 WINDOW_KINDS = ("keys", "values", "memory_entries")
 # Kept in float32 whatever the model dtype.
-FLOAT32_KINDS = ("memory_entries", "recurrent_states", "next_token_log_probs")
+FLOAT32_KINDS = ("memory_entries", "recurrent_states")
 HISTORY_IDS, HISTORY_MASK = "history.input_ids", "history.attention_mask"
 REQUIRED_METADATA = ("format_version", "seen_tokens", "layout", "weights")
 # Tokens of the forward that shows which state the model keeps (`reference_cache`).
@@ -152,8 +152,7 @@ def layout_of_cache(cache: DynamicCache) -> list[dict]:
 
 def layer_states(layer) -> dict[str, torch.Tensor]:
     """The tensors of one cache layer that a memory file keeps, by kind (STATE_KINDS)."""
-    # next_token_log_probs: with surprisal-gated writes, the prediction of the next call's first token
-    states = {kind: getattr(layer, kind, None) for kind in (*WINDOW_KINDS, "next_token_log_probs")}
+    states = {kind: getattr(layer, kind, None) for kind in WINDOW_KINDS}
     for kind in ("conv_states", "recurrent_states"):
         states[kind] = getattr(layer, kind, {}).get(0)
     return {kind: tensor for kind, tensor in states.items() if tensor is not None}
@@ -169,6 +168,11 @@ def save_memory(cache: DynamicCache, path: str | os.PathLike, model: PreTrainedM
         raise ValueError(
             "save_memory saves a DynamicCache; this is a StaticCache (fixed-shape slots, some of them empty): run the "
             "conversation with DynamicCache(config=model.config) to keep its memory."
+        )
+    if any(getattr(layer, "windowed_cache", None) is not None for layer in cache.layers):
+        raise ValueError(
+            "save_memory does not keep the windowed pass of surprisal-gated writes (memory_write_surprisal_threshold) "
+            "yet: save the memory of a model with the threshold set to None."
         )
     tensors = {}
     for index, layer in enumerate(cache.layers):
@@ -198,6 +202,11 @@ def load_memory(path: str | os.PathLike, model: PreTrainedModel) -> DynamicCache
     precision are cast to this model's dtype (the same weights at another precision share the fingerprint); the
     memory entries and matrices are float32 in every file.
     """
+    if getattr(model.config, "memory_write_surprisal_threshold", None) is not None:
+        raise ValueError(
+            "load_memory does not restore the windowed pass of surprisal-gated writes "
+            "(memory_write_surprisal_threshold) yet: load the memory into a model with the threshold set to None."
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No memory file at {path}.")
     try:
@@ -228,9 +237,8 @@ def load_memory(path: str | os.PathLike, model: PreTrainedModel) -> DynamicCache
         layer.lazy_initialization(saved["keys"], saved["values"])
         layer.keys, layer.values = saved["keys"], saved["values"]
         layer.cumulative_length = seen
-        for kind in ("memory_entries", "next_token_log_probs"):
-            if kind in saved:
-                setattr(layer, kind, saved[kind])
+        if "memory_entries" in saved:
+            layer.memory_entries = saved["memory_entries"]
         if "conv_states" in saved:
             layer.update_conv_state(saved["conv_states"], conv_kernel_size=conv_taps)
         if "recurrent_states" in saved:

@@ -14,6 +14,7 @@ files carry a weight fingerprint: `load_memory` refuses those).
 """
 
 import math
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -99,9 +100,10 @@ class LlamaMemAttention(nn.Module):
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, Hkv, T, D]
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
-        memory_cache = layer_cache if self.memory is not None else None
+        memory = self.memory if view.reads_memory else None
+        memory_cache = layer_cache if memory is not None else None
 
-        if self.memory is not None:
+        if memory is not None:
             # What each token writes when it leaves the window, [value | memory key | g | beta] in float32; without a
             # cache the memory reads these, with one the cache window's.
             writes = self.memory("write", hidden_states, key, value, view, memory_cache)
@@ -129,7 +131,7 @@ class LlamaMemAttention(nn.Module):
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
         )
-        if self.memory is not None:
+        if memory is not None:
             read = self.memory("read", hidden_states, query, memory_values, memory_entries, view, memory_cache)
             output = output + read.to(output.dtype)
         return self.o_proj(output.reshape(batch, length, -1))
@@ -257,10 +259,12 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         (`check_not_packed`).
         """
         check_no_attention_weights(output_attentions, self.config)
+        # surprisal_writes.py's two passes: the windowed model's (no memory), then the gated one.
+        reads_memory = not kwargs.pop("windowed_pass", False)
         if self.config.memory_write_surprisal_threshold is not None and not kwargs.pop("surprisal_gated", False):
             raise ValueError(
-                "memory_write_surprisal_threshold gates the writes by the LM head's predictions: run "
-                "LlamaMemForCausalLM, or set the threshold to None to run the decoder alone."
+                "memory_write_surprisal_threshold gates the writes by the windowed model's predictions, through the "
+                "LM head: run LlamaMemForCausalLM, or set the threshold to None to run the decoder alone."
             )
         cache = resolve_cache_argument(cache, past_key_values)
         inputs_embeds = self.embed(input_ids, inputs_embeds)
@@ -274,7 +278,8 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
             use_cache, cache = False, None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        cache = prepare_cache(cache, self.config)  # a foreign cache is refused, DynamicCache() completed
+        # a foreign cache is refused, DynamicCache() completed
+        cache = prepare_cache(cache, self.config if reads_memory else windowed_layout(self.config))
         check_cache_batch(cache, batch)
 
         past = tokens_read(cache)
@@ -287,7 +292,9 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         # memory stays that of one segment, and the working set stays small enough to be fast.
         segment = PREFILL_SEGMENT if cache is not None and not differentiable else max(length, 1)
         # The one decode/prefill decision of this forward; WindowView lists the paths it selects.
-        modes = dict(decoding=cache is not None and length == 1, differentiable=differentiable)
+        modes = dict(
+            decoding=cache is not None and length == 1, differentiable=differentiable, reads_memory=reads_memory
+        )
         pieces = []
         for start in range(0, max(length, 1), segment):
             end = min(start + segment, length)
@@ -352,6 +359,13 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
                 bad = (low if low < 0 else high).item()
                 raise ValueError(f"Token id {bad} is outside [0, vocab_size={self.config.vocab_size}).")
         return self.embed_tokens(input_ids)
+
+
+def windowed_layout(config: LlamaMemConfig) -> SimpleNamespace:
+    """What `prepare_cache` reads of a config, for the windowed pass: the window, and no layer with memory."""
+    return SimpleNamespace(
+        sliding_window=config.sliding_window, layer_types=["sliding_attention"] * config.num_hidden_layers
+    )
 
 
 def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:

@@ -1,14 +1,20 @@
 """Writes gated by surprisal (config.memory_write_surprisal_threshold): a token writes into the memory only if the
-model itself found it surprising, -log p(token | everything before it) > T.
+windowed model (the same weights, every memory off: the model the conversion started from) found it surprising,
+-log p(token | the tokens before it) > T.
+
+Why the windowed model's surprisal, not the model's own: on SmolLM2 with the shipped delta, gated by its own
+surprisal the memory read makes the haystack less predictable, more of it writes, and a passkey at 8K depth 0.5 is
+lost (answer loss 1.75); gated by the windowed model's it is found (0.12; README, "Long context from a pretrained
+Llama"). It costs a second pass of the decoder, without memory, over every token.
 
 Why it is causal and exact: token t writes when it leaves the window, at step t + W, and its surprisal is known at
-step t (from the logits at t - 1 and the token itself). So the forward runs in pieces of at most W - 1 tokens through
-a cache: after each piece's logits, the write strength of its tokens, still in the cache's window, is zeroed where the
-surprisal is at most T; the tokens that leave the window during a piece are all from earlier pieces. A piece split
-is exact, so one forward equals chunked prefill plus decode here too. The first token of a call takes its surprisal
-from the log-probabilities the previous call left in the cache (`NEXT_TOKEN_LOG_PROBS`, a per-row state that beam
-search reorders and memory files keep); a token with no prediction before it (a sequence's first, the first real
-token after left padding) writes nothing.
+step t. The forward runs in pieces of at most W - 1 tokens, each through the windowed pass (its own cache, kept
+inside the main one) and then the model: after each piece, the write strength of its tokens, still in the cache's
+window, is zeroed where the surprisal is at most T; the tokens that leave the window during a piece are all from
+earlier pieces. A piece split is exact, so one forward equals chunked prefill plus decode here too. The first token
+of a call takes its surprisal from the windowed log-probabilities the previous call left in the cache
+(`NEXT_TOKEN_LOG_PROBS`, a per-row state that beam search reorders); a token with no prediction before it (a
+sequence's first, the first real token after left padding) writes nothing.
 """
 
 import torch
@@ -19,9 +25,11 @@ from .windowed_attention import prepare_cache
 
 __all__ = ["NEXT_TOKEN_LOG_PROBS", "surprisal_gated_forward"]
 
-# The cache state (on the first memory layer's cache layer) holding the log-probabilities [B, vocab] the last call
-# predicted for the token after it: the surprisal of the next call's first token.
+# The cache state (on the first memory layer's cache layer) holding the windowed model's log-probabilities
+# [B, vocab] for the token after the last call: the surprisal of the next call's first token.
 NEXT_TOKEN_LOG_PROBS = "next_token_log_probs"
+# Beside it, the windowed pass's own cache (a DynamicCache of sliding-window layers).
+WINDOWED_CACHE = "windowed_cache"
 
 
 def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, use_cache, output_hidden_states, keep):
@@ -54,21 +62,31 @@ def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, 
     past = cache.get_seq_length()
     piece = config.sliding_window - 1
     first_kept = length - keep if isinstance(keep, int) and keep > 0 else 0
+    memory_layers = [layer for layer in cache.layers if hasattr(layer, "memory_entries")]
+    if memory_layers and getattr(memory_layers[0], WINDOWED_CACHE, None) is None:
+        setattr(memory_layers[0], WINDOWED_CACHE, DynamicCache())
     kept_logits, hidden_pieces = [], []
     for start in range(0, max(length, 1), piece):
         end = min(start + piece, length)
-        outputs = lm.model(
+        inputs = dict(
             input_ids=input_ids[:, start:end],
             attention_mask=None if attention_mask is None else attention_mask[:, : past + end],
             position_ids=None if position_ids is None else position_ids[:, start:end],
-            cache=cache,
             use_cache=True,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
             surprisal_gated=True,
         )
+        windowed_logits = None
+        if memory_layers:
+            with torch.no_grad():  # the gate is a decision, not a function to differentiate
+                windowed = lm.model(**inputs, cache=getattr(memory_layers[0], WINDOWED_CACHE), windowed_pass=True)
+                windowed_logits = lm.lm_head(windowed.last_hidden_state)
+        outputs = lm.model(**inputs, cache=cache, output_hidden_states=output_hidden_states)
         logits = lm.lm_head(outputs.last_hidden_state)
-        gate_writes(cache, input_ids[:, start:end], logits, attention_mask, past + start, threshold)
+        if memory_layers:
+            gate_writes(
+                memory_layers, input_ids[:, start:end], windowed_logits, attention_mask, past + start, threshold
+            )
         if end > first_kept:
             kept_logits.append(logits[:, max(first_kept - start, 0) :])
         if output_hidden_states:
@@ -82,16 +100,17 @@ def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, 
     return logits, hidden_states, cache if returned else None
 
 
-def gate_writes(cache, input_ids, logits, attention_mask, first_position: int, threshold: float) -> None:
+def gate_writes(memory_layers, input_ids, logits, attention_mask, first_position: int, threshold: float) -> None:
     """Zero the write strength of the tokens of one piece (the last T' of every memory layer's cached window) whose
-    surprisal is at most `threshold`, and keep the piece's last prediction for the next piece or call.
+    surprisal under the windowed model is at most `threshold`, and keep the piece's last prediction for the next
+    piece or call.
 
-    input_ids [B, T'], logits [B, T', vocab] of positions first_position ...; attention_mask [B, past + T] or None."""
-    memory_layers = [layer for layer in cache.layers if hasattr(layer, "memory_entries")]
-    if not memory_layers or input_ids.shape[1] == 0:
+    input_ids [B, T'], logits [B, T', vocab] (the windowed pass's) of positions first_position ...; attention_mask
+    [B, past + T] or None."""
+    if input_ids.shape[1] == 0:
         return
-    log_probs = logits.float().log_softmax(-1)
-    with torch.no_grad():  # the gate is a decision, not a function to differentiate
+    with torch.no_grad():
+        log_probs = logits.float().log_softmax(-1)
         inner = -log_probs[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]
         before = getattr(memory_layers[0], NEXT_TOKEN_LOG_PROBS, None)
         if before is None:  # no prediction of the first token: it writes nothing

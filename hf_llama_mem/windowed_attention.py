@@ -87,6 +87,8 @@ class WindowView:
     token_valid: torch.Tensor | None
     decoding: bool
     differentiable: bool
+    # False: the memory layers neither write nor read (the windowed model, whose surprisal gates the writes).
+    reads_memory: bool = True
     masks: dict = field(default_factory=dict)
 
     def mask(self, q_first: int, q_len: int, k_first: int, k_len: int, dtype, device) -> torch.Tensor:
@@ -239,7 +241,16 @@ def check_padding_is_exact(mask: torch.Tensor) -> None:
 
 
 def make_window_view(
-    window: int, past, attention_mask, device, *, slots=None, length: int, decoding: bool, differentiable: bool
+    window: int,
+    past,
+    attention_mask,
+    device,
+    *,
+    slots=None,
+    length: int,
+    decoding: bool,
+    differentiable: bool,
+    reads_memory: bool = True,
 ) -> WindowView:
     """Window bookkeeping for one call of T = `length` tokens. attention_mask is [B, past + T] (1 = real token,
     0 = padding) or None, already checked by the forward that calls this. slots: a fixed-shape cache's `fixed_slots`
@@ -250,14 +261,14 @@ def make_window_view(
         )
         new = slots.new_ones(slots.shape[0], length) if token_valid is None else token_valid
         return WindowView(
-            window, slots.shape[1], torch.cat([slots, new], dim=1), token_valid, decoding, differentiable
+            window, slots.shape[1], torch.cat([slots, new], dim=1), token_valid, decoding, differentiable, reads_memory
         )
     cached = min(past, window - 1)
     key_valid = None if attention_mask is None else attention_mask[:, past - cached :]
     if key_valid is None or known_unpadded(key_valid):
-        return WindowView(window, cached, None, None, decoding, differentiable)
+        return WindowView(window, cached, None, None, decoding, differentiable, reads_memory)
     key_valid = key_valid.to(device=device, dtype=torch.bool)
-    return WindowView(window, cached, key_valid, key_valid[:, cached:], decoding, differentiable)
+    return WindowView(window, cached, key_valid, key_valid[:, cached:], decoding, differentiable, reads_memory)
 
 
 def positions_from_mask(attention_mask, past: int, length: int, device) -> torch.LongTensor:
@@ -361,9 +372,10 @@ class LlamaMemCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     def __init__(self, sliding_window: int, number_of_states: int = 1, **kwargs):
         super().__init__(sliding_window=sliding_window, number_of_states=number_of_states)
         self.memory_entries: torch.Tensor | None = None
-        # With surprisal-gated writes, the first memory layer's also keeps the log-probabilities [B, vocab] the last
-        # call predicted for the next token (surprisal_writes.py).
+        # With surprisal-gated writes, the first memory layer's also keeps the windowed model's log-probabilities
+        # [B, vocab] for the next token and the windowed pass's own cache (surprisal_writes.py).
         self.next_token_log_probs: torch.Tensor | None = None
+        self.windowed_cache: Cache | None = None
 
     def update_memory_entries(self, entries: torch.Tensor) -> torch.Tensor:
         """Append this call's entries [B, Hkv, T, D + 2]; returns those of the cached window and this call, as
@@ -391,18 +403,24 @@ class LlamaMemCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+        if self.windowed_cache is not None:
+            self.windowed_cache.reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)  # keys and values
         self._apply_to_row_states(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+        if self.windowed_cache is not None:
+            self.windowed_cache.batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)  # keys and values
         self._apply_to_row_states(lambda tensor: tensor[indices.to(tensor.device)])
+        if self.windowed_cache is not None:
+            self.windowed_cache.batch_select_indices(indices)
 
     def reset(self) -> None:
         super().reset()
-        self.memory_entries = self.next_token_log_probs = None
+        self.memory_entries = self.next_token_log_probs = self.windowed_cache = None
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:

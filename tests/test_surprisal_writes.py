@@ -60,26 +60,36 @@ class ForcedWrites:
         return torch.where(keep[..., None], output, torch.full_like(output, -float("inf")))
 
 
-def test_a_token_writes_exactly_when_its_own_surprisal_exceeds_the_threshold():
+def closed(model):
+    """The model with every memory read gate at zero: the windowed model, exactly."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".memory.gate"):
+                param.zero_()
+    return model
+
+
+def test_a_token_writes_exactly_when_the_windowed_models_surprisal_exceeds_the_threshold():
     plain, gated, ids, threshold = gated_pair()
+    windowed = tiny_model()
+    windowed.load_state_dict(plain.state_dict())
     with torch.no_grad():
         logits = gated(ids).logits
-        writes = own_surprisal(logits, ids) > threshold
+        writes = own_surprisal(closed(windowed)(ids).logits, ids) > threshold
         assert 0 < writes[:, :-WINDOW].sum() < writes[:, :-WINDOW].numel()  # the gate decides both ways
         forced = ForcedWrites(plain, writes)
-        assert_close(logits, plain(ids).logits, atol=1e-5, what="gated model vs writes forced by its own surprisal")
+        assert_close(logits, plain(ids).logits, atol=1e-5, what="gated model vs writes forced by windowed surprisal")
         forced.remove()
         everything = plain(ids).logits
+        own = own_surprisal(logits, ids) > threshold
     assert (logits - everything).abs().max() > 1e-2  # the gated writes are not all writes
+    assert not torch.equal(own[:, :-WINDOW], writes[:, :-WINDOW])  # and not decided by the model's own surprisal
 
 
 def test_a_threshold_above_every_surprisal_is_the_windowed_model():
     plain, gated, ids, _ = gated_pair(threshold=1e6)
     with torch.no_grad():
-        for name, param in plain.named_parameters():
-            if name.endswith(".memory.gate"):
-                param.zero_()
-        assert_close(gated(ids).logits, plain(ids).logits, atol=1e-5, what="no writes vs closed gates")
+        assert_close(gated(ids).logits, closed(plain)(ids).logits, atol=1e-5, what="no writes vs closed gates")
 
 
 def test_one_forward_equals_chunked_prefill_plus_decode():
@@ -123,16 +133,18 @@ def test_greedy_and_beam_generation_follow_the_forward():
     assert torch.equal(gated.generate(prompt, **beams), gated.generate(prompt, use_cache=False, **beams))
 
 
-def test_a_memory_file_keeps_the_next_tokens_prediction(tmp_path):
-    _, gated, ids, _ = gated_pair()
+def test_memory_files_are_refused_with_a_threshold_not_silently_wrong(tmp_path):
+    plain, gated, ids, _ = gated_pair()
     with torch.no_grad():
         cache = DynamicCache(config=gated.config)
         gated(ids[:, :30], use_cache=True, **{CACHE_FIELD: cache})
-        save_memory(cache, tmp_path / "memory.safetensors", model=gated)
-        loaded = load_memory(tmp_path / "memory.safetensors", gated)
-        continued = gated(ids[:, 30:], use_cache=True, **{CACHE_FIELD: loaded}).logits
-        original = gated(ids[:, 30:], use_cache=True, **{CACHE_FIELD: cache}).logits
-    assert torch.equal(continued, original)
+        with pytest.raises(ValueError, match="save_memory does not keep the windowed pass"):
+            save_memory(cache, tmp_path / "memory.safetensors", model=gated)
+        cache = DynamicCache(config=plain.config)
+        plain(ids[:, :30], use_cache=True, **{CACHE_FIELD: cache})
+        save_memory(cache, tmp_path / "memory.safetensors", model=plain)
+    with pytest.raises(ValueError, match="load_memory does not restore the windowed pass"):
+        load_memory(tmp_path / "memory.safetensors", gated)
 
 
 def test_gradients_reach_the_memory_through_the_pieces():
@@ -180,3 +192,33 @@ def test_what_cannot_compute_a_surprisal_is_refused():
     gated.train()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         gated(ids, labels=ids)
+
+
+# ---- in the recipe: extend trains with the gate and records it; a conversion takes it from the delta ----
+
+
+def test_extend_trains_with_surprisal_writes_and_the_delta_carries_the_threshold(tmp_path):
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_llama_mem import LlamaMemForCausalLM
+    from hf_llama_mem.convert_llama import convert_checkpoint
+    from hf_llama_mem.extend import ExtendSettings, apply_delta, delta_conversion, extend
+
+    from .helpers import TINY_DIMS
+    from .test_extend import SETTINGS
+
+    source = tmp_path / "llama"
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY_DIMS, "vocab_size": 384}, pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(source)
+    ByT5Tokenizer().save_pretrained(source)
+    settings = ExtendSettings(**{**SETTINGS, "steps": 2, "memory_write_surprisal_threshold": 1.5})
+    delta = extend(str(source), tmp_path / "run", settings)
+    assert delta_conversion(delta)["memory_write_surprisal_threshold"] == 1.5
+    # Its tensors apply to a model that writes every token too: the threshold is not part of what must match.
+    conversion = {**delta_conversion(delta), "memory_write_surprisal_threshold": None}
+    apply_delta(LlamaMemForCausalLM.from_llama(str(source), **conversion), delta)
+    convert_checkpoint(str(source), tmp_path / "gated", delta=str(delta))
+    assert LlamaMemForCausalLM.from_pretrained(tmp_path / "gated").config.memory_write_surprisal_threshold == 1.5
+    convert_checkpoint(str(source), tmp_path / "all", delta=str(delta), memory_write_surprisal_threshold=None)
+    assert LlamaMemForCausalLM.from_pretrained(tmp_path / "all").config.memory_write_surprisal_threshold is None
