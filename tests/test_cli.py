@@ -172,6 +172,11 @@ PARSE_ERRORS = [
         "convert {model} {root}/out --memory-layers 0,x",
         "argument --memory-layers: expected comma-separated layer indices, got '0,x'",
     ),
+    (
+        "convert_surprisal_threshold_negative",
+        "convert {model} {root}/out --surprisal-threshold -1",
+        "argument --surprisal-threshold: expected a finite number >= 0, got '-1'",
+    ),
 ]
 
 

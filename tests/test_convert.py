@@ -105,6 +105,8 @@ def test_convert_cli_end_to_end(tmp_path):
             "16",
             "--memory-layers",
             "1",
+            "--surprisal-threshold",
+            "2.5",
         ],
         capture_output=True,
         text=True,
@@ -114,6 +116,7 @@ def test_convert_cli_end_to_end(tmp_path):
     assert summary["max_abs_logit_diff"] < 1e-4 and summary["checked_sequences"] == 3
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mem")
     assert (loaded.config.sliding_window, loaded.config.memory_layers) == (16, [1])
+    assert loaded.config.memory_write_surprisal_threshold == 2.5  # and still the source within W (checked above)
     card = (tmp_path / "mem" / "README.md").read_text()
     assert "| sliding window W | 16 |" in card and "| layers with memory | 1 |" in card
 
