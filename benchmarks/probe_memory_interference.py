@@ -47,7 +47,9 @@ def load(path: str) -> LlamaMemForCausalLM:
                 params[name].copy_(tensor)
         return model.eval()
     delta = resolve_delta(path)
-    return apply_delta(LlamaMemForCausalLM.from_llama("smollm2", **delta_conversion(delta)).float(), delta).eval()
+    # Every write, whatever threshold the delta records: the probe gates the writes itself (WriteMask).
+    conversion = {**delta_conversion(delta), "memory_write_surprisal_threshold": None}
+    return apply_delta(LlamaMemForCausalLM.from_llama("smollm2", **conversion).float(), delta).eval()
 
 
 def close_memory_gates(model) -> dict[str, torch.Tensor]:

