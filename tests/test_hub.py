@@ -83,6 +83,7 @@ def test_push_to_hub_uploads_weights_code_config_and_card_with_results(tmp_path,
             "memory_ops.py",
             "model.safetensors",
             "modeling_llama_mem.py",
+            "surprisal_writes.py",
             "windowed_attention.py",
         ]
     )
