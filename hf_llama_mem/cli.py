@@ -303,8 +303,8 @@ def add_convert_command(commands) -> None:
     p.add_argument(
         "--surprisal-threshold",
         type=threshold_or_none,
-        help="memory_write_surprisal_threshold: a token writes into the memory only if the model's surprisal of it "
-        "exceeds this many nats; 'none': every token writes (default: the delta's, else none)",
+        help="memory_write_surprisal_threshold: a token writes into the memory only if the windowed model's "
+        "surprisal of it exceeds this many nats; 'none': every token writes (default: the delta's, else none)",
     )
     p.add_argument(
         "--plain",

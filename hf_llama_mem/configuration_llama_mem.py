@@ -74,11 +74,12 @@ class LlamaMemConfig(LlamaConfig):
             alone every token gets the memory's read at the same strength, needed or not: on a pretrained model,
             trained on retrieval, that costs the perplexity of ordinary text past W.
         memory_write_surprisal_threshold (`float | None`): None (default): every token writes when it leaves the
-            window, with its learned write strength. A number T >= 0 (nats): a token writes only if the model itself
-            found it surprising, -log p(token | everything before it) > T; every other token's write strength is
-            zero. It is causal (the surprisal is known when the token is read, W steps before it writes), needs the
-            LM head (`LlamaMemForCausalLM`) and input_ids, and runs a forward in pieces of W - 1 tokens through a
-            cache, so that every token's surprisal is known before it writes. Why: on SmolLM2 a learned write
+            window, with its learned write strength. A number T >= 0 (nats): a token writes only if the windowed model
+            (the same weights, every memory off) found it surprising, -log p(token | everything before it) > T;
+            every other token's write strength is zero. It is causal (the surprisal is known when the token is read,
+            W steps before it writes), needs the LM head (`LlamaMemForCausalLM`) and input_ids, costs a second
+            decoder pass without memory, and runs a forward in pieces of W - 1 tokens through a cache, so that every
+            token's surprisal is known before it writes. Why: on SmolLM2 a learned write
             projection could not tell an unseen format's facts from its filler, while surprisal could (README,
             "Long context from a pretrained Llama"); the first token of a sequence has no prediction and writes
             nothing.

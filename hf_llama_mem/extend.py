@@ -251,7 +251,8 @@ class ExtendSettings:
         default=None,
         metadata=_help(
             "train (and record in the delta, for the model it converts to) writes gated by surprisal: a token writes "
-            "only if the model's surprisal of it exceeds this many nats (default: an --init-delta's, else none)"
+            "only if the windowed model's surprisal of it exceeds this many nats (default: an --init-delta's, else "
+            "none)"
         ),
     )
     write_bias_init: float | None = field(

@@ -12,9 +12,9 @@ step t. The forward runs in pieces of at most W - 1 tokens, each through the win
 inside the main one) and then the model: after each piece, the write strength of its tokens, still in the cache's
 window, is zeroed where the surprisal is at most T; the tokens that leave the window during a piece are all from
 earlier pieces. A piece split is exact, so one forward equals chunked prefill plus decode here too. The first token
-of a call takes its surprisal from the windowed log-probabilities the previous call left in the cache
-(`NEXT_TOKEN_LOG_PROBS`, a per-row state that beam search reorders); a token with no prediction before it (a
-sequence's first, the first real token after left padding) writes nothing.
+of a call takes its surprisal from the windowed log-probabilities the previous call left in the cache (the first
+memory layer's `next_token_log_probs`, a per-row state that beam search reorders); a token with no prediction before
+it (a sequence's first, the first real token after left padding) writes nothing.
 """
 
 import torch
@@ -23,13 +23,7 @@ from transformers.cache_utils import DynamicCache
 from .fixed_cache import FixedWindowLayer
 from .windowed_attention import prepare_cache
 
-__all__ = ["NEXT_TOKEN_LOG_PROBS", "surprisal_gated_forward"]
-
-# The cache state (on the first memory layer's cache layer) holding the windowed model's log-probabilities
-# [B, vocab] for the token after the last call: the surprisal of the next call's first token.
-NEXT_TOKEN_LOG_PROBS = "next_token_log_probs"
-# Beside it, the windowed pass's own cache (a DynamicCache of sliding-window layers).
-WINDOWED_CACHE = "windowed_cache"
+__all__ = ["surprisal_gated_forward"]
 
 
 def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, use_cache, output_hidden_states, keep):
@@ -58,13 +52,14 @@ def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, 
             "compiled decoding): set the threshold to None there."
         )
     threshold = config.memory_write_surprisal_threshold
-    batch, length = input_ids.shape
+    length = input_ids.shape[1]
     past = cache.get_seq_length()
     piece = config.sliding_window - 1
     first_kept = length - keep if isinstance(keep, int) and keep > 0 else 0
+    # The first memory layer's cache layer keeps the windowed pass's cache and its last prediction.
     memory_layers = [layer for layer in cache.layers if hasattr(layer, "memory_entries")]
-    if memory_layers and getattr(memory_layers[0], WINDOWED_CACHE, None) is None:
-        setattr(memory_layers[0], WINDOWED_CACHE, DynamicCache())
+    if memory_layers and memory_layers[0].windowed_cache is None:
+        memory_layers[0].windowed_cache = DynamicCache()
     kept_logits, hidden_pieces = [], []
     for start in range(0, max(length, 1), piece):
         end = min(start + piece, length)
@@ -79,7 +74,7 @@ def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, 
         windowed_logits = None
         if memory_layers:
             with torch.no_grad():  # the gate is a decision, not a function to differentiate
-                windowed = lm.model(**inputs, cache=getattr(memory_layers[0], WINDOWED_CACHE), windowed_pass=True)
+                windowed = lm.model(**inputs, cache=memory_layers[0].windowed_cache, windowed_pass=True)
                 windowed_logits = lm.lm_head(windowed.last_hidden_state)
         outputs = lm.model(**inputs, cache=cache, output_hidden_states=output_hidden_states)
         logits = lm.lm_head(outputs.last_hidden_state)
@@ -112,14 +107,12 @@ def gate_writes(memory_layers, input_ids, logits, attention_mask, first_position
     with torch.no_grad():
         log_probs = logits.float().log_softmax(-1)
         inner = -log_probs[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]
-        before = getattr(memory_layers[0], NEXT_TOKEN_LOG_PROBS, None)
-        if before is None:  # no prediction of the first token: it writes nothing
+        before = memory_layers[0].next_token_log_probs  # None exactly when nothing came before (position 0)
+        if before is None:  # no prediction of the first token: surprisal 0, it writes nothing (T >= 0)
             first = inner.new_zeros(input_ids.shape[0], 1)
         else:
             first = -before.gather(-1, input_ids[:, :1])
         writes = torch.cat([first, inner], dim=1) > threshold  # [B, T']
-        if first_position == 0:
-            writes[:, 0] = False
         if attention_mask is not None:  # a prediction made at a padded position predicts nothing
             previous = attention_mask[:, max(first_position - 1, 0) : first_position - 1 + input_ids.shape[1]]
             if first_position == 0:
@@ -135,4 +128,4 @@ def gate_writes(memory_layers, input_ids, logits, attention_mask, first_position
             layer.memory_entries = torch.cat([entries[:, :, :-tokens], kept], dim=2)
         else:
             entries[:, :, -tokens:, -1:] *= scale
-    setattr(memory_layers[0], NEXT_TOKEN_LOG_PROBS, log_probs[:, -1].detach())
+    memory_layers[0].next_token_log_probs = log_probs[:, -1].detach()

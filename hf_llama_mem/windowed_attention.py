@@ -369,6 +369,9 @@ class LlamaMemCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     refused.
     """
 
+    # The per-row tensors beside keys, values and the stock conv and recurrent states.
+    ROW_TENSORS = ("memory_entries", "next_token_log_probs")
+
     def __init__(self, sliding_window: int, number_of_states: int = 1, **kwargs):
         super().__init__(sliding_window=sliding_window, number_of_states=number_of_states)
         self.memory_entries: torch.Tensor | None = None
@@ -388,7 +391,7 @@ class LlamaMemCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     def _apply_to_row_states(self, function) -> None:
         """`function` on each per-row tensor beyond keys and values: memory entries, next-token log-probabilities, conv
         and recurrent states."""
-        for name in ("memory_entries", "next_token_log_probs"):
+        for name in self.ROW_TENSORS:
             if getattr(self, name) is not None:
                 setattr(self, name, function(getattr(self, name)))
         for index in range(self.number_of_states):
@@ -399,7 +402,7 @@ class LlamaMemCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)  # keys, values, conv and recurrent states
-        for name in ("memory_entries", "next_token_log_probs"):
+        for name in self.ROW_TENSORS:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
