@@ -4,8 +4,11 @@ generate_with_memory: continue that memory turn after turn.
 The file is safetensors: per layer the window's keys and values, on a memory layer the memory entries of the same
 tokens (float32), the key-convolution state and the memory matrix, plus metadata saying how many tokens it has seen and
 which model (architecture and a weight fingerprint) it belongs to. A cache that `generate_with_memory` built also keeps
-the ids and attention mask of every token it has read (its history), and the file keeps them too. Continuing from a
-loaded state equals continuing from the original.
+the ids and attention mask of every token it has read (its history), and the file keeps them too. With writes gated
+by surprisal (memory_write_surprisal_threshold), the file also keeps the gate's state: the windowed pass's keys and
+values per layer (`windowed.layers.{i}.*`) and its prediction of the next token (`windowed.next_token_log_probs`,
+float32 [B, vocab]), so the first token after a load is gated as it would have been. Continuing from a loaded state
+equals continuing from the original.
 
 What a continued generation sees of its history: generate() needs the ids of the whole history (it feeds only those
 the cache has not read, and its logits processors read the rest), so `generate_with_memory` passes the recorded ids
@@ -36,6 +39,7 @@ from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 
 from .fixed_cache import FixedWindowLayer
 from .modeling_llama_mem import CACHE_FIELD
+from .surprisal_writes import gate_state_layer
 
 __all__ = ["TokenHistory", "generate_with_memory", "load_memory", "save_memory", "token_history"]
 
@@ -49,7 +53,9 @@ STATE_KINDS = ("keys", "values", "memory_entries", "conv_states", "recurrent_sta
 # Per-token tensors of the window, [B, Hkv, tokens, ...]: each holds min(seen_tokens, W - 1) tokens.
 WINDOW_KINDS = ("keys", "values", "memory_entries")
 # Kept in float32 whatever the model dtype.
-FLOAT32_KINDS = ("memory_entries", "recurrent_states")
+FLOAT32_KINDS = ("memory_entries", "recurrent_states", "next_token_log_probs")
+# The gate's state, with writes gated by surprisal (surprisal_writes.py).
+WINDOWED_PREFIX, NEXT_TOKEN_LOG_PROBS = "windowed.layers", "windowed.next_token_log_probs"
 HISTORY_IDS, HISTORY_MASK = "history.input_ids", "history.attention_mask"
 REQUIRED_METADATA = ("format_version", "seen_tokens", "layout", "weights")
 # Tokens of the forward that shows which state the model keeps (`reference_cache`).
@@ -158,6 +164,21 @@ def layer_states(layer) -> dict[str, torch.Tensor]:
     return {kind: tensor for kind, tensor in states.items() if tensor is not None}
 
 
+def cache_states(cache: DynamicCache) -> dict[str, tuple[str, torch.Tensor]]:
+    """name -> (kind, tensor) of every tensor of `cache` a memory file keeps, the history aside: each layer's
+    (`layers.{i}.{kind}`), then the gate's state where writes are gated by surprisal."""
+    states = {}
+    gate = gate_state_layer(cache)
+    windowed = gate.windowed_cache if gate is not None else None
+    for prefix, layers in (("layers", cache.layers), (WINDOWED_PREFIX, windowed.layers if windowed else [])):
+        for index, layer in enumerate(layers):
+            for kind, tensor in layer_states(layer).items():
+                states[f"{prefix}.{index}.{kind}"] = (kind, tensor)
+    if windowed is not None and gate.next_token_log_probs is not None:
+        states[NEXT_TOKEN_LOG_PROBS] = ("next_token_log_probs", gate.next_token_log_probs)
+    return states
+
+
 def save_memory(cache: DynamicCache, path: str | os.PathLike, model: PreTrainedModel | None = None) -> None:
     """Write the cache's memory state (window, conv states, memory matrices, tokens seen, and the token history when
     the cache has one) to `path`.
@@ -169,17 +190,10 @@ def save_memory(cache: DynamicCache, path: str | os.PathLike, model: PreTrainedM
             "save_memory saves a DynamicCache; this is a StaticCache (fixed-shape slots, some of them empty): run the "
             "conversation with DynamicCache(config=model.config) to keep its memory."
         )
-    if any(getattr(layer, "windowed_cache", None) is not None for layer in cache.layers):
-        raise ValueError(
-            "save_memory does not keep the windowed pass of surprisal-gated writes (memory_write_surprisal_threshold) "
-            "yet: save the memory of a model with the threshold set to None."
-        )
-    tensors = {}
     for index, layer in enumerate(cache.layers):
         if getattr(layer, "keys", None) is None:
             raise ValueError(f"Cache layer {index} is empty: run the model on some tokens before saving its memory.")
-        for kind, tensor in layer_states(layer).items():
-            tensors[f"layers.{index}.{kind}"] = tensor
+    tensors = {name: tensor for name, (_, tensor) in cache_states(cache).items()}
     history = token_history(cache)
     if history is not None:
         tensors[HISTORY_IDS], tensors[HISTORY_MASK] = history.input_ids, history.attention_mask.bool()
@@ -202,11 +216,6 @@ def load_memory(path: str | os.PathLike, model: PreTrainedModel) -> DynamicCache
     precision are cast to this model's dtype (the same weights at another precision share the fingerprint); the
     memory entries and matrices are float32 in every file.
     """
-    if getattr(model.config, "memory_write_surprisal_threshold", None) is not None:
-        raise ValueError(
-            "load_memory does not restore the windowed pass of surprisal-gated writes "
-            "(memory_write_surprisal_threshold) yet: load the memory into a model with the threshold set to None."
-        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No memory file at {path}.")
     try:
@@ -243,11 +252,32 @@ def load_memory(path: str | os.PathLike, model: PreTrainedModel) -> DynamicCache
             layer.update_conv_state(saved["conv_states"], conv_kernel_size=conv_taps)
         if "recurrent_states" in saved:
             layer.update_recurrent_state(saved["recurrent_states"])
+    reference_gate = gate_state_layer(reference)
+    if reference_gate is not None and reference_gate.windowed_cache is not None:
+        restore_gate_state(gate_state_layer(cache), reference_gate.windowed_cache, tensors, seen)
     if HISTORY_IDS in tensors:
         device = reference.layers[0].keys.device
         ids, mask = tensors[HISTORY_IDS].to(device), tensors[HISTORY_MASK].to(device=device, dtype=torch.long)
         set_token_history(cache, TokenHistory(ids, mask))
     return cache
+
+
+def restore_gate_state(gate, reference: DynamicCache, tensors: dict, seen: int) -> None:
+    """The windowed pass's cache (layers of the classes `reference`, the model's own, uses) and its last prediction,
+    from a checked file, into `gate`, the first memory layer of the cache being loaded."""
+    windowed = DynamicCache()
+    windowed.layers = [type(like)(sliding_window=like.sliding_window) for like in reference.layers]
+    windowed.layer_class_to_replicate = None
+    for index, (layer, like) in enumerate(zip(windowed.layers, reference.layers, strict=True)):
+        keys, values = (
+            tensors[f"{WINDOWED_PREFIX}.{index}.{kind}"].to(device=like.keys.device, dtype=like.keys.dtype)
+            for kind in ("keys", "values")
+        )
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        layer.cumulative_length = seen
+    gate.windowed_cache = windowed
+    gate.next_token_log_probs = tensors[NEXT_TOKEN_LOG_PROBS].to(gate.memory_entries.device)
 
 
 def check_metadata(metadata: dict, path) -> tuple[int, list[dict]]:
@@ -311,57 +341,66 @@ def reference_cache(model: PreTrainedModel) -> DynamicCache:
 def check_tensors(tensors: dict, reference: DynamicCache, seen: int, config, path) -> None:
     """Every tensor the model keeps is there, with its dtype and shape, one batch, and a window that matches `seen`."""
     window = min(seen, config.sliding_window - 1)
-    expected_names, batch = set(), None
-    for index, layer in enumerate(reference.layers):
-        for kind, like in layer_states(layer).items():
-            name = f"layers.{index}.{kind}"
-            expected_names.add(name)
-            if name not in tensors:
-                raise ValueError(f"Memory state {path}: {name} is missing (this model keeps one for layer {index}).")
-            tensor = tensors[name]
-            if kind in FLOAT32_KINDS and tensor.dtype != torch.float32:
+    expected = cache_states(reference)
+    if NEXT_TOKEN_LOG_PROBS in expected and NEXT_TOKEN_LOG_PROBS not in tensors:
+        raise ValueError(
+            f"Memory state {path} has no state of surprisal-gated writes (windowed.*): a model without them saved it, "
+            f"and this model has memory_write_surprisal_threshold={config.memory_write_surprisal_threshold}. Load it "
+            f"into the model with the threshold set to None."
+        )
+    if NEXT_TOKEN_LOG_PROBS in tensors and NEXT_TOKEN_LOG_PROBS not in expected:
+        raise ValueError(
+            f"Memory state {path} holds the state of surprisal-gated writes (windowed.*), and this model has "
+            f"memory_write_surprisal_threshold=None: load it into a model with the threshold it was saved with."
+        )
+    batch = None
+    for name, (kind, like) in expected.items():
+        if name not in tensors:
+            raise ValueError(f"Memory state {path}: {name} is missing (this model keeps one).")
+        tensor = tensors[name]
+        if kind in FLOAT32_KINDS and tensor.dtype != torch.float32:
+            raise ValueError(
+                f"Memory state {path}: {name} has dtype {tensor.dtype}, expected torch.float32 (the memory "
+                f"entries and matrices are kept in float32 whatever the model dtype)."
+            )
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(
+                f"Memory state {path}: {name} has dtype {tensor.dtype}, expected a floating-point dtype "
+                f"({like.dtype} in this model)."
+            )
+        if tensor.dim() != like.dim():
+            raise ValueError(
+                f"Memory state {path}: {name} has shape {tuple(tensor.shape)}, expected {like.dim()} dimensions."
+            )
+        batch = tensor.shape[0] if batch is None else batch
+        if tensor.shape[0] != batch:
+            raise ValueError(
+                f"Memory state {path}: {name} holds a batch of {tensor.shape[0]}, but the tensors before it a "
+                f"batch of {batch}."
+            )
+        if kind in WINDOW_KINDS:
+            tokens = tensor.shape[2]
+            if tokens > config.sliding_window - 1:
                 raise ValueError(
-                    f"Memory state {path}: {name} has dtype {tensor.dtype}, expected torch.float32 (the memory "
-                    f"entries and matrices are kept in float32 whatever the model dtype)."
+                    f"Memory state {path}: {name} holds {tokens} window tokens, but a window of "
+                    f"{config.sliding_window} keeps at most {config.sliding_window - 1}."
                 )
-            if not tensor.dtype.is_floating_point:
+            if tokens != window:
                 raise ValueError(
-                    f"Memory state {path}: {name} has dtype {tensor.dtype}, expected a floating-point dtype "
-                    f"({like.dtype} in this model)."
+                    f"Memory state {path}: seen_tokens={seen} but {name} holds {tokens} window tokens "
+                    f"(expected min(seen_tokens, sliding_window - 1) = {window})."
                 )
-            if tensor.dim() != like.dim():
-                raise ValueError(
-                    f"Memory state {path}: {name} has shape {tuple(tensor.shape)}, expected {like.dim()} dimensions."
-                )
-            batch = tensor.shape[0] if batch is None else batch
-            if tensor.shape[0] != batch:
-                raise ValueError(
-                    f"Memory state {path}: {name} holds a batch of {tensor.shape[0]}, but the tensors before it a "
-                    f"batch of {batch}."
-                )
-            if kind in WINDOW_KINDS:
-                tokens = tensor.shape[2]
-                if tokens > config.sliding_window - 1:
-                    raise ValueError(
-                        f"Memory state {path}: layer {index} holds {tokens} window tokens, but a window of "
-                        f"{config.sliding_window} keeps at most {config.sliding_window - 1}."
-                    )
-                if tokens != window:
-                    raise ValueError(
-                        f"Memory state {path}: seen_tokens={seen} but layer {index} holds {tokens} window tokens "
-                        f"(expected min(seen_tokens, sliding_window - 1) = {window})."
-                    )
-                same = tensor.shape[1] == like.shape[1] and tensor.shape[3:] == like.shape[3:]
-                shown = f"[batch, {like.shape[1]}, tokens, {', '.join(map(str, like.shape[3:]))}]"
-            else:
-                same = tensor.shape[1:] == like.shape[1:]
-                shown = f"[batch, {', '.join(map(str, like.shape[1:]))}]"
-            if not same:
-                raise ValueError(
-                    f"Memory state {path}: {name} has shape {tuple(tensor.shape)}, expected {shown} for this model."
-                )
+            same = tensor.shape[1] == like.shape[1] and tensor.shape[3:] == like.shape[3:]
+            shown = f"[batch, {like.shape[1]}, tokens, {', '.join(map(str, like.shape[3:]))}]"
+        else:
+            same = tensor.shape[1:] == like.shape[1:]
+            shown = f"[batch, {', '.join(map(str, like.shape[1:]))}]"
+        if not same:
+            raise ValueError(
+                f"Memory state {path}: {name} has shape {tuple(tensor.shape)}, expected {shown} for this model."
+            )
     history_names = {HISTORY_IDS, HISTORY_MASK} & tensors.keys()
-    for name in sorted(tensors.keys() - expected_names - {HISTORY_IDS, HISTORY_MASK}):
+    for name in sorted(tensors.keys() - expected.keys() - {HISTORY_IDS, HISTORY_MASK}):
         raise ValueError(f"Memory state {path}: unexpected tensor {name!r} (this model keeps no such state).")
     if history_names:
         check_history(tensors, history_names, batch, seen, config, path)

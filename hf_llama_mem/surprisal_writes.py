@@ -23,7 +23,13 @@ from transformers.cache_utils import DynamicCache
 from .fixed_cache import FixedWindowLayer
 from .windowed_attention import prepare_cache
 
-__all__ = ["surprisal_gated_forward"]
+__all__ = ["gate_state_layer", "surprisal_gated_forward"]
+
+
+def gate_state_layer(cache):
+    """The cache layer that keeps the gate's state (the windowed pass's cache and its last prediction): the first
+    memory layer, or None in a cache without one."""
+    return next((layer for layer in cache.layers if hasattr(layer, "memory_entries")), None)
 
 
 def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, use_cache, output_hidden_states, keep):
@@ -56,7 +62,7 @@ def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, 
     past = cache.get_seq_length()
     piece = config.sliding_window - 1
     first_kept = length - keep if isinstance(keep, int) and keep > 0 else 0
-    # The first memory layer's cache layer keeps the windowed pass's cache and its last prediction.
+    # The first memory layer's cache layer keeps the windowed pass's cache and its last prediction (gate_state_layer).
     memory_layers = [layer for layer in cache.layers if hasattr(layer, "memory_entries")]
     if memory_layers and memory_layers[0].windowed_cache is None:
         memory_layers[0].windowed_cache = DynamicCache()

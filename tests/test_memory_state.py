@@ -185,7 +185,7 @@ def set_metadata(key, value):
         (lambda tensors, metadata: tensors.__setitem__("extra", torch.zeros(1)), "unexpected tensor 'extra'"),
         (set_metadata("seen_tokens", "-3"), "seen_tokens must be a whole number >= 0, got '-3'"),
         (set_metadata("seen_tokens", "abc"), "seen_tokens must be a whole number >= 0, got 'abc'"),
-        (set_metadata("seen_tokens", "5"), "seen_tokens=5 but layer 0 holds 7 window tokens"),
+        (set_metadata("seen_tokens", "5"), "seen_tokens=5 but layers.0.keys holds 7 window tokens"),
         (set_metadata("seen_tokens", None), "has no 'seen_tokens' in its metadata"),
         (set_metadata("layout", None), "has no 'layout' in its metadata"),
         (set_metadata("weights", None), "has no 'weights' in its metadata"),

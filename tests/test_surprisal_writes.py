@@ -1,7 +1,8 @@
-"""Surprisal-gated writes (config.memory_write_surprisal_threshold): a token writes into the memory only if the model
-itself found it surprising. The gate is checked against its definition (a plain model whose writes are forced shut
-wherever the gated model's own logits say the token was not surprising), and every path's promises hold with it:
-one forward equals chunked prefill plus decode, padding changes nothing, beams and memory files carry the state."""
+"""Surprisal-gated writes (config.memory_write_surprisal_threshold): a token writes into the memory only if the
+windowed model (the same weights, memory off) found it surprising. The gate is checked against its definition (a plain
+model whose writes are forced shut wherever the windowed model's logits say the token was not surprising), and every
+path's promises hold with it: one forward equals chunked prefill plus decode, padding changes nothing, beams and
+memory files carry the state."""
 
 import pytest
 import torch
@@ -133,18 +134,33 @@ def test_greedy_and_beam_generation_follow_the_forward():
     assert torch.equal(gated.generate(prompt, **beams), gated.generate(prompt, use_cache=False, **beams))
 
 
-def test_memory_files_are_refused_with_a_threshold_not_silently_wrong(tmp_path):
-    plain, gated, ids, _ = gated_pair()
+def test_a_memory_file_keeps_the_gate_state_and_continues_exactly(tmp_path):
+    # 30 tokens: the file is written mid-piece (pieces of W - 1 = 7), and the first token after the load is gated by
+    # the windowed prediction the file kept; the continuation is longer than W, so its writes reach the logits.
+    _, gated, ids, _ = gated_pair()
     with torch.no_grad():
-        cache = DynamicCache(config=gated.config)
-        gated(ids[:, :30], use_cache=True, **{CACHE_FIELD: cache})
-        with pytest.raises(ValueError, match="save_memory does not keep the windowed pass"):
-            save_memory(cache, tmp_path / "memory.safetensors", model=gated)
-        cache = DynamicCache(config=plain.config)
-        plain(ids[:, :30], use_cache=True, **{CACHE_FIELD: cache})
-        save_memory(cache, tmp_path / "memory.safetensors", model=plain)
-    with pytest.raises(ValueError, match="load_memory does not restore the windowed pass"):
-        load_memory(tmp_path / "memory.safetensors", gated)
+        original = DynamicCache(config=gated.config)
+        gated(ids[:, :30], use_cache=True, **{CACHE_FIELD: original})
+        save_memory(original, tmp_path / "memory.safetensors", model=gated)
+        restored = load_memory(tmp_path / "memory.safetensors", gated)
+        from_restored = gated(ids[:, 30:], use_cache=True, **{CACHE_FIELD: restored}).logits
+        from_original = gated(ids[:, 30:], use_cache=True, **{CACHE_FIELD: original}).logits
+        full = gated(ids).logits[:, 30:]
+    assert torch.equal(from_restored, from_original)
+    assert_close(from_restored, full, atol=1e-5, what="restored vs one forward")
+
+
+def test_a_memory_file_of_gated_writes_is_refused_by_a_model_without_them_and_back(tmp_path):
+    plain, gated, ids, threshold = gated_pair()
+    with torch.no_grad():
+        for model, name in ((gated, "gated"), (plain, "plain")):
+            cache = DynamicCache(config=model.config)
+            model(ids[:, :30], use_cache=True, **{CACHE_FIELD: cache})
+            save_memory(cache, tmp_path / f"{name}.safetensors", model=model)
+    with pytest.raises(ValueError, match="holds the state of surprisal-gated writes .*_threshold=None"):
+        load_memory(tmp_path / "gated.safetensors", plain)
+    with pytest.raises(ValueError, match=f"has no state of surprisal-gated writes .*_threshold={threshold}"):
+        load_memory(tmp_path / "plain.safetensors", gated)
 
 
 def test_gradients_reach_the_memory_through_the_pieces():
