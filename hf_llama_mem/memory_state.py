@@ -234,14 +234,33 @@ def load_memory(path: str | os.PathLike, model: PreTrainedModel) -> DynamicCache
             f"this model {weights_fingerprint(model)})."
         )
     cache = DynamicCache(config=model.config)
-    # The layers the model itself uses (its forward put them in the reference cache), empty.
-    cache.layers = [type(like)(sliding_window=like.sliding_window) for like in reference.layers]
     conv_taps = model.config.memory_conv_size - 1
-    for index, (layer, like) in enumerate(zip(cache.layers, reference.layers, strict=True)):
-        expected = layer_states(like)
+    cache.layers = restored_layers(reference.layers, tensors, "layers", seen, conv_taps)
+    reference_gate = gate_state_layer(reference)
+    if reference_gate is not None and reference_gate.windowed_cache is not None:
+        # The gate's state: the windowed pass's cache and its last prediction, into the first memory layer.
+        windowed = DynamicCache()
+        windowed.layers = restored_layers(reference_gate.windowed_cache.layers, tensors, WINDOWED_PREFIX, seen, 0)
+        windowed.layer_class_to_replicate = None
+        gate = gate_state_layer(cache)
+        gate.windowed_cache = windowed
+        gate.next_token_log_probs = tensors[NEXT_TOKEN_LOG_PROBS].to(reference_gate.next_token_log_probs.device)
+    if HISTORY_IDS in tensors:
+        device = reference.layers[0].keys.device
+        ids, mask = tensors[HISTORY_IDS].to(device), tensors[HISTORY_MASK].to(device=device, dtype=torch.long)
+        set_token_history(cache, TokenHistory(ids, mask))
+    return cache
+
+
+def restored_layers(references: list, tensors: dict, prefix: str, seen: int, conv_taps: int) -> list:
+    """Cache layers of the classes the model itself uses (its forward put `references` in the reference cache),
+    holding the checked file's `{prefix}.{i}.{kind}` tensors at the reference's devices and dtypes."""
+    layers = []
+    for index, like in enumerate(references):
+        layer = type(like)(sliding_window=like.sliding_window)
         saved = {
-            kind: tensors[f"layers.{index}.{kind}"].to(device=tensor.device, dtype=tensor.dtype)
-            for kind, tensor in expected.items()
+            kind: tensors[f"{prefix}.{index}.{kind}"].to(device=tensor.device, dtype=tensor.dtype)
+            for kind, tensor in layer_states(like).items()
         }
         layer.lazy_initialization(saved["keys"], saved["values"])
         layer.keys, layer.values = saved["keys"], saved["values"]
@@ -252,32 +271,8 @@ def load_memory(path: str | os.PathLike, model: PreTrainedModel) -> DynamicCache
             layer.update_conv_state(saved["conv_states"], conv_kernel_size=conv_taps)
         if "recurrent_states" in saved:
             layer.update_recurrent_state(saved["recurrent_states"])
-    reference_gate = gate_state_layer(reference)
-    if reference_gate is not None and reference_gate.windowed_cache is not None:
-        restore_gate_state(gate_state_layer(cache), reference_gate.windowed_cache, tensors, seen)
-    if HISTORY_IDS in tensors:
-        device = reference.layers[0].keys.device
-        ids, mask = tensors[HISTORY_IDS].to(device), tensors[HISTORY_MASK].to(device=device, dtype=torch.long)
-        set_token_history(cache, TokenHistory(ids, mask))
-    return cache
-
-
-def restore_gate_state(gate, reference: DynamicCache, tensors: dict, seen: int) -> None:
-    """The windowed pass's cache (layers of the classes `reference`, the model's own, uses) and its last prediction,
-    from a checked file, into `gate`, the first memory layer of the cache being loaded."""
-    windowed = DynamicCache()
-    windowed.layers = [type(like)(sliding_window=like.sliding_window) for like in reference.layers]
-    windowed.layer_class_to_replicate = None
-    for index, (layer, like) in enumerate(zip(windowed.layers, reference.layers, strict=True)):
-        keys, values = (
-            tensors[f"{WINDOWED_PREFIX}.{index}.{kind}"].to(device=like.keys.device, dtype=like.keys.dtype)
-            for kind in ("keys", "values")
-        )
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-        layer.cumulative_length = seen
-    gate.windowed_cache = windowed
-    gate.next_token_log_probs = tensors[NEXT_TOKEN_LOG_PROBS].to(gate.memory_entries.device)
+        layers.append(layer)
+    return layers
 
 
 def check_metadata(metadata: dict, path) -> tuple[int, list[dict]]:

@@ -26,10 +26,14 @@ from .windowed_attention import prepare_cache
 __all__ = ["gate_state_layer", "surprisal_gated_forward"]
 
 
+def memory_cache_layers(cache) -> list:
+    return [layer for layer in cache.layers if hasattr(layer, "memory_entries")]
+
+
 def gate_state_layer(cache):
     """The cache layer that keeps the gate's state (the windowed pass's cache and its last prediction): the first
     memory layer, or None in a cache without one."""
-    return next((layer for layer in cache.layers if hasattr(layer, "memory_entries")), None)
+    return next(iter(memory_cache_layers(cache)), None)
 
 
 def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, use_cache, output_hidden_states, keep):
@@ -63,7 +67,7 @@ def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, 
     piece = config.sliding_window - 1
     first_kept = length - keep if isinstance(keep, int) and keep > 0 else 0
     # The first memory layer's cache layer keeps the windowed pass's cache and its last prediction (gate_state_layer).
-    memory_layers = [layer for layer in cache.layers if hasattr(layer, "memory_entries")]
+    memory_layers = memory_cache_layers(cache)
     if memory_layers and memory_layers[0].windowed_cache is None:
         memory_layers[0].windowed_cache = DynamicCache()
     kept_logits, hidden_pieces = [], []
