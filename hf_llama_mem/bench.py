@@ -11,6 +11,10 @@ own; so training is also measured against a Llama given that same loss, the rati
 With `compile`, training and decode are measured a second time with both models under torch.compile (inductor), like
 with like: each decode on a StaticCache, transformers' cache for a compiled decode step (LlamaMem's holds W - 1 slots
 whatever the length, Llama's every token). The first step of each shape compiles, untimed.
+
+With `surprisal_threshold` in the settings, LlamaMem's writes are gated by surprisal (surprisal_writes.py), as the
+shipped SmolLM2 delta's are: every training step, prefill and decode step then also runs the windowed pass, and the
+ratios are what the gate costs against Llama. Its compiled rows are refused: the gate needs a dynamic cache.
 """
 
 import contextlib
@@ -88,7 +92,8 @@ SHAPE_FIELDS = tuple(SMOLLM2_DIMS)
 
 def with_model_shape(settings: dict, model: str | None) -> dict:
     """`settings` with the dims of `model`: None keeps the benchmark's own, "smollm2" is SmolLM2-135M's shape, else
-    a model folder or hub id whose config gives the dims (and, for a LlamaMem config, the window)."""
+    a model folder or hub id whose config gives the dims (and, for a LlamaMem config, the window and the surprisal
+    threshold of its writes)."""
     if model is None:
         return settings
     if model == "smollm2":
@@ -98,12 +103,18 @@ def with_model_shape(settings: dict, model: str | None) -> dict:
     config = AutoConfig.from_pretrained(model)
     dims = {name: getattr(config, name) for name in SHAPE_FIELDS if getattr(config, name, None) is not None}
     window = getattr(config, "sliding_window", None) or settings["window"]
-    return {**settings, "dims": dims, "window": window}
+    threshold = getattr(config, "memory_write_surprisal_threshold", None)
+    return {**settings, "dims": dims, "window": window, "surprisal_threshold": threshold}
 
 
 def build(settings):
     torch.manual_seed(0)
-    mem = LlamaMemForCausalLM(LlamaMemConfig(**settings["dims"], sliding_window=settings["window"])).eval()
+    config = LlamaMemConfig(
+        **settings["dims"],
+        sliding_window=settings["window"],
+        memory_write_surprisal_threshold=settings.get("surprisal_threshold"),
+    )
+    mem = LlamaMemForCausalLM(config).eval()
     llama = LlamaForCausalLM(LlamaConfig(**settings["dims"])).eval()
     return {"llama_mem": mem, "llama": llama}
 
@@ -272,6 +283,12 @@ def matmul_peak_flops(size=2048, repeats=5):
 def run_benchmark(settings: dict, report: Callable[[str], None] = lambda line: None, compile: bool = False) -> dict:
     """Measure everything in `settings` (FULL or QUICK); `report` receives each markdown table line as it comes.
     `compile`: training and decode again with both models compiled (module docstring)."""
+    if compile and settings.get("surprisal_threshold") is not None:
+        raise ValueError(
+            "the compiled rows (--compile) decode on a StaticCache, which surprisal-gated writes "
+            f"(surprisal_threshold={settings['surprisal_threshold']}) do not support: drop --compile, or time without the gate "
+            "(--surprisal-threshold none)."
+        )
     limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if compile else contextlib.nullcontext()
     with limit:
         return measure(settings, report, compile)

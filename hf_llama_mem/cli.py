@@ -393,6 +393,12 @@ def add_bench_command(commands) -> None:
         "StaticCache); the first step of each shape compiles, untimed",
     )
     p.add_argument(
+        "--surprisal-threshold",
+        type=threshold_or_none,
+        help="gate LlamaMem's writes by surprisal at this many nats (memory_write_surprisal_threshold), as the "
+        "shipped SmolLM2 delta does; 'none': every token writes (default: the --model folder's, else none)",
+    )
+    p.add_argument(
         "--json",
         type=writable_file,
         default="bench_vs_llama.json",
@@ -410,7 +416,10 @@ def bench(args: argparse.Namespace) -> None:
         lines.append(line)
         print(line, flush=True)
 
-    results = run_benchmark(with_model_shape(QUICK if args.quick else FULL, args.model), report, args.compile)
+    settings = with_model_shape(QUICK if args.quick else FULL, args.model)
+    if args.surprisal_threshold is not None:
+        settings["surprisal_threshold"] = args.surprisal_threshold[0]
+    results = run_benchmark(settings, report, args.compile)
     write_results(results, args.json, lines)
     print(f"results: {args.json} and {os.path.splitext(args.json)[0]}.md")
 

@@ -126,3 +126,64 @@ def test_bench_command_takes_a_model_shape(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--model", str(tmp_path / "missing")])
     assert exit_info.value.code == 2
+
+
+def test_the_gated_benchmark_runs_gated_writes_and_takes_the_threshold_from_a_folder(tmp_path):
+    """`bench --surprisal-threshold T` (or a --model folder with one) times LlamaMem with surprisal-gated writes,
+    the shipped SmolLM2 delta's setting, against the same Llama."""
+    import hf_llama_mem.surprisal_writes as surprisal_writes
+    from hf_llama_mem.bench import QUICK, build, with_model_shape
+
+    tiny_model(sliding_window=12, memory_write_surprisal_threshold=1.5).save_pretrained(tmp_path)
+    settings = with_model_shape(QUICK, str(tmp_path))
+    assert settings["surprisal_threshold"] == 1.5
+    assert build(settings)["llama_mem"].config.memory_write_surprisal_threshold == 1.5
+    assert with_model_shape(QUICK, "smollm2").get("surprisal_threshold") is None
+    gated_calls = []
+    original = surprisal_writes.gate_writes
+    settings = dict(
+        train=[32], train_repeats=1, prefill=[48], prefill_repeats=1, decode=[24], window=8, dims=TINY_DIMS
+    )
+    try:
+        surprisal_writes.gate_writes = lambda *args: (gated_calls.append(1), original(*args))
+        results = run_benchmark({**settings, "surprisal_threshold": 2.0})
+    finally:
+        surprisal_writes.gate_writes = original
+    assert gated_calls, "the gated benchmark never gated a write"
+    metrics = [row["metric"] for row in results["rows"]][:-1]  # the last names the matmul peak measured
+    assert metrics == [row["metric"] for row in run_benchmark(settings)["rows"]][:-1]
+    with pytest.raises(ValueError, match=r"StaticCache.*surprisal_threshold=2.0"):
+        run_benchmark({**settings, "surprisal_threshold": 2.0}, compile=True)
+
+
+def test_bench_command_takes_a_surprisal_threshold(tmp_path, monkeypatch, capsys):
+    import hf_llama_mem.bench as bench
+    from hf_llama_mem.cli import main
+
+    seen = {}
+    monkeypatch.setattr(
+        bench, "run_benchmark", lambda settings, report, compile: seen.update(settings) or {"rows": []}
+    )
+    main(["bench", "--quick", "--surprisal-threshold", "2", "--json", str(tmp_path / "b.json")])
+    assert seen["surprisal_threshold"] == 2.0
+    tiny_model(sliding_window=12, memory_write_surprisal_threshold=1.5).save_pretrained(tmp_path / "gated")
+    main(
+        [
+            "bench",
+            "--quick",
+            "--model",
+            str(tmp_path / "gated"),
+            "--surprisal-threshold",
+            "none",
+            "--json",
+            str(tmp_path / "b.json"),
+        ]
+    )
+    assert seen["surprisal_threshold"] is None
+    monkeypatch.undo()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", "--compile", "--surprisal-threshold", "2", "--json", str(tmp_path / "b.json")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "StaticCache" in error[0], error
