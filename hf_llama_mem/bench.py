@@ -286,8 +286,8 @@ def run_benchmark(settings: dict, report: Callable[[str], None] = lambda line: N
     if compile and settings.get("surprisal_threshold") is not None:
         raise ValueError(
             "the compiled rows (--compile) decode on a StaticCache, which surprisal-gated writes "
-            f"(surprisal_threshold={settings['surprisal_threshold']}) do not support: drop --compile, or time without the gate "
-            "(--surprisal-threshold none)."
+            f"(surprisal_threshold={settings['surprisal_threshold']}) do not support: drop --compile, or time "
+            "without the gate (--surprisal-threshold none)."
         )
     limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if compile else contextlib.nullcontext()
     with limit:
