@@ -132,12 +132,23 @@ class FixedWindowLayer(CacheLayerMixin):
 class LlamaMemFixedLayer(LinearAttentionLayer, FixedWindowLayer):
     """The fixed-shape twin of `LlamaMemCacheLayer` (a memory layer's cache): the window's keys, values and validity,
     the memory entries of the same slots [B, Hkv, W - 1, D + 2] (float32; zeros in an empty slot: a no-op write),
-    the key-convolution state and the memory matrix, all written in place."""
+    the key-convolution state and the memory matrix, all written in place. With surprisal-gated writes the first
+    memory layer's also keeps the windowed model's next-token log-probabilities [B, vocab] (in place) and the
+    windowed pass's own fixed-shape cache (surprisal_writes.py)."""
 
     def __init__(self, sliding_window: int, number_of_states: int = 1, **kwargs):
         FixedWindowLayer.__init__(self, sliding_window=sliding_window)
         LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
         self.memory_entries: torch.Tensor | None = None
+        self.next_token_log_probs: torch.Tensor | None = None
+        self.windowed_cache = None
+
+    def keep_next_token_log_probs(self, log_probs: torch.Tensor) -> None:
+        if self.next_token_log_probs is None:
+            self.next_token_log_probs = log_probs.clone()
+            mark_static(self.next_token_log_probs)
+        else:
+            self.next_token_log_probs.copy_(log_probs)
 
     @property
     def is_compileable(self) -> bool:
@@ -166,7 +177,7 @@ class LlamaMemFixedLayer(LinearAttentionLayer, FixedWindowLayer):
         return full
 
     def row_states(self) -> list[torch.Tensor]:
-        states = [self.conv_states[0], self.recurrent_states[0]]
+        states = [self.conv_states[0], self.recurrent_states[0], self.next_token_log_probs]
         return [state for state in states if state is not None]
 
     def window_tensors(self) -> list[torch.Tensor]:
@@ -176,21 +187,38 @@ class LlamaMemFixedLayer(LinearAttentionLayer, FixedWindowLayer):
     def reset(self) -> None:
         FixedWindowLayer.reset(self)
         LinearAttentionLayer.reset(self)  # zeros the states in place, no previous conv state
+        if self.next_token_log_probs is not None:  # zeros: the next first token has surprisal 0, as with none
+            self.next_token_log_probs.zero_()
+        if self.windowed_cache is not None:
+            self.windowed_cache.reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         FixedWindowLayer.reorder_cache(self, beam_idx)
         for state in self.row_states():
             state.copy_(state.index_select(0, beam_idx.to(state.device)))
+        if self.windowed_cache is not None:
+            self.windowed_cache.reorder_cache(beam_idx)
 
     def _rebuild_rows(self, function) -> None:
         FixedWindowLayer._rebuild_rows(self, function)
-        if self.memory_entries is not None:
-            self.memory_entries = function(self.memory_entries)
-            mark_static(self.memory_entries)
+        for name in ("memory_entries", "next_token_log_probs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, function(getattr(self, name)))
+                mark_static(getattr(self, name))
         for states in (self.conv_states, self.recurrent_states):
             if states[0] is not None:
                 states[0] = function(states[0])
                 mark_static(states[0])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        FixedWindowLayer.batch_repeat_interleave(self, repeats)
+        if self.windowed_cache is not None:
+            self.windowed_cache.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        FixedWindowLayer.batch_select_indices(self, indices)
+        if self.windowed_cache is not None:
+            self.windowed_cache.batch_select_indices(indices)
 
     def get_max_length(self) -> int:
         return FixedWindowLayer.get_max_length(self)

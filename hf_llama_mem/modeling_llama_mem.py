@@ -14,7 +14,7 @@ files carry a weight fingerprint: `load_memory` refuses those).
 """
 
 import math
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -361,11 +361,17 @@ class LlamaMemModel(LlamaMemPreTrainedModel):
         return self.embed_tokens(input_ids)
 
 
-def windowed_layout(config: LlamaMemConfig) -> SimpleNamespace:
-    """What `prepare_cache` reads of a config, for the windowed pass: the window, and no layer with memory."""
-    return SimpleNamespace(
-        sliding_window=config.sliding_window, layer_types=["sliding_attention"] * config.num_hidden_layers
-    )
+class WindowedLayout(NamedTuple):
+    """What `prepare_cache` reads of a config. A NamedTuple, which torch.compile traces (a compiled decode step with
+    surprisal-gated writes builds one per step)."""
+
+    sliding_window: int
+    layer_types: list[str]
+
+
+def windowed_layout(config: LlamaMemConfig) -> WindowedLayout:
+    """The layout of the windowed pass: the window, and no layer with memory."""
+    return WindowedLayout(config.sliding_window, ["sliding_attention"] * config.num_hidden_layers)
 
 
 def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:

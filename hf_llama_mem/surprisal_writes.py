@@ -18,7 +18,7 @@ it (a sequence's first, the first real token after left padding) writes nothing.
 """
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 
 from .fixed_cache import FixedWindowLayer
 from .windowed_attention import prepare_cache
@@ -34,6 +34,16 @@ def gate_state_layer(cache):
     """The cache layer that keeps the gate's state (the windowed pass's cache and its last prediction): the first
     memory layer, or None in a cache without one."""
     return next(iter(memory_cache_layers(cache)), None)
+
+
+def new_windowed_cache(cache, config):
+    """The windowed pass's own cache, of the main cache's kind: beside a fixed-shape cache (StaticCache, compiled
+    decoding) a fixed-shape one, W - 1 slots in every layer, so that a compiled step keeps every shape and address."""
+    if not isinstance(cache, StaticCache):
+        return DynamicCache()
+    windowed = StaticCache(config=config, max_cache_len=config.sliding_window)
+    windowed.layers = [FixedWindowLayer(sliding_window=config.sliding_window) for _ in windowed.layers]
+    return windowed
 
 
 def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, use_cache, output_hidden_states, keep):
@@ -56,26 +66,23 @@ def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, 
     use_cache = use_cache if use_cache is not None else (config.use_cache and not lm.training)
     returned = cache is not None or use_cache
     cache = prepare_cache(cache if cache is not None else DynamicCache(config=config), config)
-    if any(isinstance(layer, FixedWindowLayer) for layer in cache.layers):
-        raise ValueError(
-            "memory_write_surprisal_threshold works with a DynamicCache, not a fixed-shape cache (StaticCache, "
-            "compiled decoding): set the threshold to None there."
-        )
     threshold = config.memory_write_surprisal_threshold
     length = input_ids.shape[1]
-    past = cache.get_seq_length()
     piece = config.sliding_window - 1
     first_kept = length - keep if isinstance(keep, int) and keep > 0 else 0
     # The first memory layer's cache layer keeps the windowed pass's cache and its last prediction (gate_state_layer).
     memory_layers = memory_cache_layers(cache)
     if memory_layers and memory_layers[0].windowed_cache is None:
-        memory_layers[0].windowed_cache = DynamicCache()
+        memory_layers[0].windowed_cache = new_windowed_cache(cache, config)
     kept_logits, hidden_pieces = [], []
     for start in range(0, max(length, 1), piece):
         end = min(start + piece, length)
+        # The mask [B, past + T] up to the piece's end, cut by its width: no read of the cache's token count, which
+        # in a fixed-shape cache is a tensor (a host read would break a compiled step's graph).
+        mask = None if attention_mask is None else attention_mask[:, : attention_mask.shape[1] - length + end]
         inputs = dict(
             input_ids=input_ids[:, start:end],
-            attention_mask=None if attention_mask is None else attention_mask[:, : past + end],
+            attention_mask=mask,
             position_ids=None if position_ids is None else position_ids[:, start:end],
             use_cache=True,
             return_dict=True,
@@ -89,9 +96,7 @@ def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, 
         outputs = lm.model(**inputs, cache=cache, output_hidden_states=output_hidden_states)
         logits = lm.lm_head(outputs.last_hidden_state)
         if memory_layers:
-            gate_writes(
-                memory_layers, input_ids[:, start:end], windowed_logits, attention_mask, past + start, threshold
-            )
+            gate_writes(memory_layers, input_ids[:, start:end], windowed_logits, mask, threshold)
         if end > first_kept:
             kept_logits.append(logits[:, max(first_kept - start, 0) :])
         if output_hidden_states:
@@ -105,14 +110,15 @@ def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, 
     return logits, hidden_states, cache if returned else None
 
 
-def gate_writes(memory_layers, input_ids, logits, attention_mask, first_position: int, threshold: float) -> None:
+def gate_writes(memory_layers, input_ids, logits, attention_mask, threshold: float) -> None:
     """Zero the write strength of the tokens of one piece (the last T' of every memory layer's cached window) whose
     surprisal under the windowed model is at most `threshold`, and keep the piece's last prediction for the next
     piece or call.
 
-    input_ids [B, T'], logits [B, T', vocab] (the windowed pass's) of positions first_position ...; attention_mask
-    [B, past + T] or None."""
-    if input_ids.shape[1] == 0:
+    input_ids [B, T'], logits [B, T', vocab] (the windowed pass's); attention_mask [B, past + T'] (up to the piece's
+    last token) or None."""
+    tokens = input_ids.shape[1]
+    if tokens == 0:
         return
     with torch.no_grad():
         log_probs = logits.float().log_softmax(-1)
@@ -120,15 +126,14 @@ def gate_writes(memory_layers, input_ids, logits, attention_mask, first_position
         before = memory_layers[0].next_token_log_probs  # None exactly when nothing came before (position 0)
         if before is None:  # no prediction of the first token: surprisal 0, it writes nothing (T >= 0)
             first = inner.new_zeros(input_ids.shape[0], 1)
-        else:
+        else:  # (a fixed-shape cache after reset() holds zeros: surprisal 0 again)
             first = -before.gather(-1, input_ids[:, :1])
         writes = torch.cat([first, inner], dim=1) > threshold  # [B, T']
         if attention_mask is not None:  # a prediction made at a padded position predicts nothing
-            previous = attention_mask[:, max(first_position - 1, 0) : first_position - 1 + input_ids.shape[1]]
-            if first_position == 0:
+            previous = attention_mask[:, -tokens - 1 : -1]  # the mask of each token's predecessor
+            if previous.shape[1] < tokens:  # the piece starts the sequence: its first token has none
                 previous = torch.cat([previous.new_zeros(previous.shape[0], 1), previous], dim=1)
             writes &= previous.bool()
-    tokens = input_ids.shape[1]
     for layer in memory_layers:
         entries = layer.memory_entries  # [B, Hkv, window tokens, D + 2]: ... g, beta
         scale = writes.to(entries.dtype)[:, None, :, None]
@@ -138,4 +143,4 @@ def gate_writes(memory_layers, input_ids, logits, attention_mask, first_position
             layer.memory_entries = torch.cat([entries[:, :, :-tokens], kept], dim=2)
         else:
             entries[:, :, -tokens:, -1:] *= scale
-    memory_layers[0].next_token_log_probs = log_probs[:, -1].detach()
+    memory_layers[0].keep_next_token_log_probs(log_probs[:, -1].detach())

@@ -380,6 +380,10 @@ class LlamaMemCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         self.next_token_log_probs: torch.Tensor | None = None
         self.windowed_cache: Cache | None = None
 
+    def keep_next_token_log_probs(self, log_probs: torch.Tensor) -> None:
+        """Keep the windowed model's log-probabilities of the next token [B, vocab] (surprisal_writes.py)."""
+        self.next_token_log_probs = log_probs
+
     def update_memory_entries(self, entries: torch.Tensor) -> torch.Tensor:
         """Append this call's entries [B, Hkv, T, D + 2]; returns those of the cached window and this call, as
         `update` returns keys and values (`keep_owned_window` then trims the window to its last W - 1 tokens)."""

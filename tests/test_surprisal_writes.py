@@ -11,6 +11,7 @@ from transformers import DynamicCache, StaticCache
 
 from hf_llama_mem import LlamaMemModel, load_memory, save_memory
 from hf_llama_mem.modeling_llama_mem import CACHE_FIELD
+from hf_llama_mem.surprisal_writes import gate_state_layer
 
 from .helpers import assert_close, tiny_config, tiny_model
 
@@ -134,6 +135,71 @@ def test_greedy_and_beam_generation_follow_the_forward():
     assert torch.equal(gated.generate(prompt, **beams), gated.generate(prompt, use_cache=False, **beams))
 
 
+@pytest.mark.parametrize("padded", [True, False])
+def test_a_fixed_shape_cache_gives_what_the_dynamic_cache_gives(padded):
+    """A StaticCache (compiled decoding's): the gate's state lives in fixed-shape tensors too, so prefill plus decode
+    steps from inside the first window to past the fifth equal the dynamic cache's, left-padded or without a mask;
+    after reset() (in place: the windowed pass's cache and the kept prediction too) the same cache gives them again."""
+    _, gated, ids, _ = gated_pair()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+
+    def prefill_and_decode(cache):
+        def step(start, end):
+            step_mask = mask[:, :end] if padded else None
+            with torch.no_grad():
+                return gated(ids[:, start:end], attention_mask=step_mask, use_cache=True, **{CACHE_FIELD: cache})
+
+        return torch.cat([step(0, 5).logits] + [step(t, t + 1).logits for t in range(5, ids.shape[1])], dim=1)
+
+    expected = prefill_and_decode(DynamicCache(config=gated.config))
+    static = StaticCache(config=gated.config, max_cache_len=64)
+    assert_close(prefill_and_decode(static), expected, atol=1e-5, what="static vs dynamic cache")
+    static.reset()
+    gate = gate_state_layer(static)  # a first token is not gated by the last call's prediction: surprisal 0
+    assert not gate.next_token_log_probs.any() and gate.windowed_cache.get_seq_length() == 0
+    assert_close(prefill_and_decode(static), expected, atol=1e-5, what="static cache after reset()")
+
+
+def test_a_compiled_fixed_shape_decode_step_is_one_graph_and_generates_what_eager_generates():
+    """generate(cache_implementation="static", compile_config=...) with the gate: the decode steps (the windowed
+    pass, the model and the gate) run one compiled graph, without a host read, token for token eager greedy
+    decoding's, for a left-padded batch; a second call (a new cache) runs the same graph."""
+    from transformers import CompileConfig
+
+    from .test_compile import RecordingBackend, graphs_compiled
+
+    torch._dynamo.reset()
+    _, gated, ids, _ = gated_pair()
+    prompt = ids[:, :12]
+    mask = torch.ones_like(prompt)
+    mask[0, :4] = 0
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    expected = gated.generate(prompt, **kwargs)
+    backend = RecordingBackend()
+    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True  # generate() compiles only on accelerators unless told (transformers' flag)
+    for _ in range(2):
+        got = gated.generate(prompt, cache_implementation="static", compile_config=config, **kwargs)
+        assert torch.equal(got.sequences, expected.sequences)
+        for step, (a, b) in enumerate(zip(got.logits, expected.logits, strict=True)):
+            assert_close(a, b, atol=1e-5, what=f"logits of step {step}")
+    assert graphs_compiled() == 1 and not backend.host_reads()
+    torch._dynamo.reset()
+
+
+def test_beams_reorder_the_gate_state_of_a_fixed_shape_cache():
+    _, gated, ids, _ = gated_pair()
+    beams = dict(max_new_tokens=20, num_beams=3, do_sample=False, num_return_sequences=2)
+    prompt = ids[:, :20]
+    assert torch.equal(
+        gated.generate(prompt, cache_implementation="static", **beams),
+        gated.generate(prompt, use_cache=False, **beams),
+    )
+
+
 def test_a_memory_file_keeps_the_gate_state_and_continues_exactly(tmp_path):
     # 30 tokens: the file is written mid-piece (pieces of W - 1 = 7), and the first token after the load is gated by
     # the windowed prediction the file kept; the continuation is longer than W, so its writes reach the logits.
@@ -201,9 +267,6 @@ def test_what_cannot_compute_a_surprisal_is_refused():
         LlamaMemModel(gated.config)(ids)
     with pytest.raises(ValueError, match="needs input_ids"):
         gated(inputs_embeds=gated.get_input_embeddings()(ids))
-    static = StaticCache(config=gated.config, max_cache_len=64)
-    with pytest.raises(ValueError, match="not a fixed-shape cache"):
-        gated(ids[:, :4], use_cache=True, **{CACHE_FIELD: static})
     gated.gradient_checkpointing_enable()
     gated.train()
     with pytest.raises(ValueError, match="gradient checkpointing"):
