@@ -14,7 +14,7 @@ whatever the length, Llama's every token). The first step of each shape compiles
 
 With `surprisal_threshold` in the settings, LlamaMem's writes are gated by surprisal (surprisal_writes.py), as the
 shipped SmolLM2 delta's are: every training step, prefill and decode step then also runs the windowed pass, and the
-ratios are what the gate costs against Llama. Its compiled rows are refused: the gate needs a dynamic cache.
+ratios are what the gate costs against Llama.
 """
 
 import contextlib
@@ -283,12 +283,6 @@ def matmul_peak_flops(size=2048, repeats=5):
 def run_benchmark(settings: dict, report: Callable[[str], None] = lambda line: None, compile: bool = False) -> dict:
     """Measure everything in `settings` (FULL or QUICK); `report` receives each markdown table line as it comes.
     `compile`: training and decode again with both models compiled (module docstring)."""
-    if compile and settings.get("surprisal_threshold") is not None:
-        raise ValueError(
-            "the compiled rows (--compile) decode on a StaticCache, which surprisal-gated writes "
-            f"(surprisal_threshold={settings['surprisal_threshold']}) do not support: drop --compile, or time "
-            "without the gate (--surprisal-threshold none)."
-        )
     limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if compile else contextlib.nullcontext()
     with limit:
         return measure(settings, report, compile)

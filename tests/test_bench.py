@@ -152,11 +152,9 @@ def test_the_gated_benchmark_runs_gated_writes_and_takes_the_threshold_from_a_fo
     assert gated_calls, "the gated benchmark never gated a write"
     metrics = [row["metric"] for row in results["rows"]][:-1]  # the last names the matmul peak measured
     assert metrics == [row["metric"] for row in run_benchmark(settings)["rows"]][:-1]
-    with pytest.raises(ValueError, match=r"StaticCache.*surprisal_threshold=2.0"):
-        run_benchmark({**settings, "surprisal_threshold": 2.0}, compile=True)
 
 
-def test_bench_command_takes_a_surprisal_threshold(tmp_path, monkeypatch, capsys):
+def test_bench_command_takes_a_surprisal_threshold(tmp_path, monkeypatch):
     import hf_llama_mem.bench as bench
     from hf_llama_mem.cli import main
 
@@ -180,10 +178,3 @@ def test_bench_command_takes_a_surprisal_threshold(tmp_path, monkeypatch, capsys
         ]
     )
     assert seen["surprisal_threshold"] is None
-    monkeypatch.undo()
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--quick", "--compile", "--surprisal-threshold", "2", "--json", str(tmp_path / "b.json")])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "StaticCache" in error[0], error
