@@ -245,13 +245,18 @@ def decode_ms(runs: dict, steps=DECODE_STEPS) -> dict:
 
 
 def cache_bytes(cache):
+    """Every tensor the cache holds: windows, memory entries, states and, with surprisal-gated writes, the windowed
+    pass's own cache and the kept next-token prediction."""
     total = 0
     for layer in cache.layers:
-        for name in ("keys", "values", "memory_entries"):  # the memory's per-token entries beside the window
+        # the memory's per-token entries beside the window; the gate's prediction [B, vocab]
+        for name in ("keys", "values", "memory_entries", "next_token_log_probs"):
             tensor = getattr(layer, name, None)
             total += tensor.numel() * tensor.element_size() if tensor is not None else 0
         for states in (getattr(layer, "conv_states", {}), getattr(layer, "recurrent_states", {})):
             total += sum(t.numel() * t.element_size() for t in states.values() if t is not None)
+        windowed = getattr(layer, "windowed_cache", None)
+        total += cache_bytes(windowed) if windowed is not None else 0
     return total
 
 

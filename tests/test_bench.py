@@ -178,3 +178,20 @@ def test_bench_command_takes_a_surprisal_threshold(tmp_path, monkeypatch):
         ]
     )
     assert seen["surprisal_threshold"] is None
+
+
+def test_the_cache_size_counts_the_gate_state():
+    """With surprisal-gated writes the cache also holds the windowed pass's cache and the kept prediction."""
+    from hf_llama_mem.bench import cache_bytes
+    from hf_llama_mem.surprisal_writes import gate_state_layer
+
+    model = tiny_model(memory_write_surprisal_threshold=1.0)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(1, 256, (1, 30)), use_cache=True, **{CACHE_FIELD: cache})
+    gate = gate_state_layer(cache)
+    windowed = [t for layer in gate.windowed_cache.layers for t in (layer.keys, layer.values)]
+    gate_bytes = sum(t.numel() * t.element_size() for t in [*windowed, gate.next_token_log_probs])
+    total = cache_bytes(cache)
+    gate.windowed_cache = gate.next_token_log_probs = None
+    assert gate_bytes > 0 and cache_bytes(cache) == total - gate_bytes
