@@ -165,11 +165,13 @@ def test_a_compiled_fixed_shape_decode_step_is_one_graph_and_generates_what_eage
     """generate(cache_implementation="static", compile_config=...) with the gate: the decode steps (the windowed
     pass, the model and the gate) run one compiled graph, without a host read, token for token eager greedy
     decoding's, for a left-padded batch; a second call (a new cache) runs the same graph."""
+    from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
     from .test_compile import RecordingBackend, graphs_compiled
 
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # what earlier tests compiled does not count here (as test_compile's fresh_dynamo)
+    counters.clear()
     _, gated, ids, _ = gated_pair()
     prompt = ids[:, :12]
     mask = torch.ones_like(prompt)
