@@ -22,35 +22,21 @@ last_decision = {}  # the previous piece's last token's own decision, per call s
 
 
 def dilated_gate_writes(memory_layers, input_ids, logits, attention_mask, threshold):
-    tokens = input_ids.shape[1]
-    if tokens == 0:
+    """surprisal_writes.gate_writes, its decision dilated by one token on each side."""
+    if input_ids.shape[1] == 0:
         return
     with torch.no_grad():
-        log_probs = logits.float().log_softmax(-1)
-        inner = -log_probs[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]
-        before = memory_layers[0].next_token_log_probs
-        first = inner.new_zeros(input_ids.shape[0], 1) if before is None else -before.gather(-1, input_ids[:, :1])
-        own = torch.cat([first, inner], dim=1) > threshold
-        if before is None:
+        surprisal, log_probs = surprisal_writes.piece_surprisal(memory_layers, input_ids, logits)
+        if memory_layers[0].next_token_log_probs is None:  # a new sequence
             last_decision.clear()
+        own = surprisal > threshold
         writes = own.clone()
         writes[:, 1:] |= own[:, :-1]
         writes[:, :1] |= last_decision.get("own", own.new_zeros(own.shape[0], 1))
         writes[:, :-1] |= own[:, 1:]
         last_decision["own"] = own[:, -1:]
-        if attention_mask is not None:
-            previous = attention_mask[:, -tokens - 1 : -1]
-            if previous.shape[1] < tokens:
-                previous = torch.cat([previous.new_zeros(previous.shape[0], 1), previous], dim=1)
-            writes &= previous.bool()
-    for layer in memory_layers:
-        entries = layer.memory_entries
-        scale = writes.to(entries.dtype)[:, None, :, None]
-        if entries.requires_grad:  # training (`extend`): a new tensor, as surprisal_writes.gate_writes does
-            kept = torch.cat([entries[:, :, -tokens:, :-1], entries[:, :, -tokens:, -1:] * scale], dim=-1)
-            layer.memory_entries = torch.cat([entries[:, :, :-tokens], kept], dim=2)
-        else:
-            entries[:, :, -tokens:, -1:] *= scale
+        writes &= surprisal_writes.predicted(attention_mask, input_ids.shape[1])
+    surprisal_writes.scale_write_strength(memory_layers, writes)
     memory_layers[0].keep_next_token_log_probs(log_probs[:, -1])
 
 

@@ -417,8 +417,8 @@ def bench(args: argparse.Namespace) -> None:
         print(line, flush=True)
 
     settings = with_model_shape(QUICK if args.quick else FULL, args.model)
-    if args.surprisal_threshold is not None:
-        settings["surprisal_threshold"] = args.surprisal_threshold[0]
+    if args.surprisal_threshold is not None:  # a new dict: with_model_shape may return the preset itself
+        settings = {**settings, "surprisal_threshold": args.surprisal_threshold[0]}
     results = run_benchmark(settings, report, args.compile)
     write_results(results, args.json, lines)
     print(f"results: {args.json} and {os.path.splitext(args.json)[0]}.md")

@@ -117,23 +117,42 @@ def gate_writes(memory_layers, input_ids, logits, attention_mask, threshold: flo
 
     input_ids [B, T'], logits [B, T', vocab] (the windowed pass's); attention_mask [B, past + T'] (up to the piece's
     last token) or None."""
-    tokens = input_ids.shape[1]
-    if tokens == 0:
+    if input_ids.shape[1] == 0:
         return
     with torch.no_grad():
-        log_probs = logits.float().log_softmax(-1)
-        inner = -log_probs[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]
-        before = memory_layers[0].next_token_log_probs  # None exactly when nothing came before (position 0)
-        if before is None:  # no prediction of the first token: surprisal 0, it writes nothing (T >= 0)
-            first = inner.new_zeros(input_ids.shape[0], 1)
-        else:  # (a fixed-shape cache after reset() holds zeros: surprisal 0 again)
-            first = -before.gather(-1, input_ids[:, :1])
-        writes = torch.cat([first, inner], dim=1) > threshold  # [B, T']
-        if attention_mask is not None:  # a prediction made at a padded position predicts nothing
-            previous = attention_mask[:, -tokens - 1 : -1]  # the mask of each token's predecessor
-            if previous.shape[1] < tokens:  # the piece starts the sequence: its first token has none
-                previous = torch.cat([previous.new_zeros(previous.shape[0], 1), previous], dim=1)
-            writes &= previous.bool()
+        surprisal, log_probs = piece_surprisal(memory_layers, input_ids, logits)
+        writes = (surprisal > threshold) & predicted(attention_mask, input_ids.shape[1])
+    scale_write_strength(memory_layers, writes)
+    memory_layers[0].keep_next_token_log_probs(log_probs[:, -1].detach())
+
+
+def piece_surprisal(memory_layers, input_ids, logits) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log p of each token of a piece under the windowed model [B, T'] (its first from the prediction the cache
+    kept), and the piece's log-probabilities [B, T', vocab]."""
+    log_probs = logits.float().log_softmax(-1)
+    inner = -log_probs[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]
+    before = memory_layers[0].next_token_log_probs  # None exactly when nothing came before (position 0)
+    if before is None:  # no prediction of the first token: surprisal 0, it writes nothing (T >= 0)
+        first = inner.new_zeros(input_ids.shape[0], 1)
+    else:  # (a fixed-shape cache after reset() holds zeros: surprisal 0 again)
+        first = -before.gather(-1, input_ids[:, :1])
+    return torch.cat([first, inner], dim=1), log_probs
+
+
+def predicted(attention_mask, tokens: int) -> torch.Tensor | bool:
+    """Which of a piece's last `tokens` tokens had a real token before them [B, T'] (True without a mask): a
+    prediction made at a padded position predicts nothing."""
+    if attention_mask is None:
+        return True
+    previous = attention_mask[:, -tokens - 1 : -1]  # the mask of each token's predecessor
+    if previous.shape[1] < tokens:  # the piece starts the sequence: its first token has none
+        previous = torch.cat([previous.new_zeros(previous.shape[0], 1), previous], dim=1)
+    return previous.bool()
+
+
+def scale_write_strength(memory_layers, writes: torch.Tensor) -> None:
+    """Zero the write strength beta of the piece's tokens where `writes` [B, T'] is False, in every memory layer."""
+    tokens = writes.shape[1]
     for layer in memory_layers:
         entries = layer.memory_entries  # [B, Hkv, window tokens, D + 2]: ... g, beta
         scale = writes.to(entries.dtype)[:, None, :, None]
@@ -143,4 +162,3 @@ def gate_writes(memory_layers, input_ids, logits, attention_mask, threshold: flo
             layer.memory_entries = torch.cat([entries[:, :, :-tokens], kept], dim=2)
         else:
             entries[:, :, -tokens:, -1:] *= scale
-    memory_layers[0].keep_next_token_log_probs(log_probs[:, -1].detach())

@@ -164,6 +164,7 @@ def test_bench_command_takes_a_surprisal_threshold(tmp_path, monkeypatch):
     )
     main(["bench", "--quick", "--surprisal-threshold", "2", "--json", str(tmp_path / "b.json")])
     assert seen["surprisal_threshold"] == 2.0
+    assert "surprisal_threshold" not in bench.QUICK  # the preset itself stays ungated
     tiny_model(sliding_window=12, memory_write_surprisal_threshold=1.5).save_pretrained(tmp_path / "gated")
     main(
         [
