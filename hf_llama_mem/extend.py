@@ -128,6 +128,10 @@ def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
 
+# How `extend` starts the memory key's convolution (ExtendSettings.key_conv_start).
+KEY_CONV_STARTS = ("keep", "previous_token")
+
+
 @dataclass
 class ExtendSettings:
     """What `extend` trains, on what, for how long. Every field is also a `hf-llama-mem extend` option.
@@ -289,6 +293,16 @@ class ExtendSettings:
             "needle kept for 8K tokens needs them hundreds of times apart"
         ),
     )
+    key_conv_start: str = field(
+        default="keep",
+        metadata=_help(
+            "the memory key's convolution at the start (after --init-delta): keep it, or previous_token: every "
+            "channel's taps zero but the one on the token before, so a token's memory key is its predecessor's "
+            "key (the induction circuit: a read at token A finds what followed A) and, with the delta rule, a later "
+            "write after the same token replaces the earlier one; the centring offsets are then recalibrated",
+            choices=KEY_CONV_STARTS,
+        ),
+    )
     init_delta: str | None = field(
         default=None,
         metadata=_help(
@@ -326,6 +340,8 @@ class ExtendSettings:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
         if not math.isfinite(self.write_bias_shift):
             raise ValueError(f"write_bias_shift must be a finite number, got {self.write_bias_shift}.")
+        if self.key_conv_start not in KEY_CONV_STARTS:
+            raise ValueError(f"key_conv_start must be one of {KEY_CONV_STARTS}, got {self.key_conv_start!r}.")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
         if self.lora_rank and not self.lora_targets:
@@ -430,6 +446,23 @@ def shift_write_bias(model: nn.Module, shift: float) -> None:
     """Add `shift` to the write-strength bias of every memory layer (a resumed run then loads its checkpoint's)."""
     for param in write_biases(model):
         param.add_(shift)
+
+
+@torch.no_grad()
+def start_key_conv_at_previous_token(model: nn.Module) -> None:
+    """Set every memory layer's key convolution to pass on the previous token's key alone (the tap before the
+    token's own; `KeyConvolution` pads the taps in front), and zero the centring offsets, which were fitted to the
+    keys of the convolution replaced, so that `extend` recalibrates them."""
+    memories = [m for m in model.modules() if isinstance(m, LlamaMemMemory)]
+    for memory in memories:
+        taps = memory.key_conv.kernel_size[0]
+        if taps < 2:
+            raise ValueError(f"key_conv_start='previous_token' needs memory_conv_size >= 2, got {taps}.")
+        memory.key_conv.weight.zero_()
+        memory.key_conv.weight[:, :, taps - 2] = 1.0
+        if memory.key_offset is not None:
+            memory.key_offset.zero_()
+            memory.query_offset.zero_()
 
 
 @torch.no_grad()
@@ -991,6 +1024,8 @@ def extend(
     if settings.init_delta is not None:
         start_from_delta(model, settings.init_delta)
     shift_write_bias(model, settings.write_bias_shift)
+    if settings.key_conv_start == "previous_token":  # a resumed run then loads its checkpoint's
+        start_key_conv_at_previous_token(model)
     if tokenizer is None:
         tokenizer = load_tokenizer(src)
     config = model.config

@@ -206,6 +206,35 @@ def test_a_second_stage_can_shift_the_write_strength(source, run, tmp_path):
         assert_close(shifted[name], tensor - 2.0 if name in biases else tensor, 1e-6, name)
 
 
+def test_a_second_stage_can_start_the_key_convolution_at_the_previous_token(source, run, tmp_path):
+    """key_conv_start="previous_token": each memory key is the previous token's key, centred and normalised (the
+    offsets recalibrated); every other tensor of the first stage's delta is unchanged."""
+    first = run / DELTA_FILE
+    still = {**SETTINGS, "steps": 1, "seed": 1, "memory_lr": 0.0, "init_delta": str(first)}
+    extend(source, tmp_path, ExtendSettings(**{**still, "key_conv_start": "previous_token", "save_model": True}))
+    model = LlamaMemForCausalLM.from_pretrained(tmp_path / "model").eval()
+    memory = model.model.layers[0].self_attn.memory
+    hidden = torch.randn(1, 40, model.config.hidden_size)
+    key, value = torch.randn(2, 1, model.config.num_key_value_heads, 40, model.config.head_dim).unbind(0)
+    view = type("View", (), {"token_valid": None, "decoding": False})()
+    with torch.no_grad():
+        entries = memory.entries(hidden, key, value, view, None)
+    leaving = entries.shape[2]  # without a cache, the tokens that leave the window
+    key = key[:, :, :leaving]
+    if memory.key_correction is not None:
+        key = key + memory.key_correction(hidden[:, :leaving])
+    head_dim = model.config.head_dim
+    memory_key = entries[..., head_dim : 2 * head_dim]
+    expected = torch.nn.functional.normalize(key[:, :, :-1] + memory.key_offset[:, None], dim=-1)
+    assert_close(memory_key[:, :, 1:], expected, 1e-5, "memory key = the previous token's")
+    trained = load_file(first)
+    restarted = load_file(tmp_path / DELTA_FILE)
+    assert any(restarted[n].abs().sum() > 0 for n in restarted if n.endswith("memory.key_offset"))
+    for name, tensor in trained.items():
+        if not name.endswith(("key_conv.weight", "key_offset", "query_offset")):
+            assert_close(restarted[name], tensor, 0.0, name)
+
+
 def test_resuming_with_other_settings_is_refused_by_name(source, run, tmp_path):
     shutil.copytree(run, tmp_path, dirs_exist_ok=True)
     with pytest.raises(ValueError, match="memory_lr"):
@@ -319,6 +348,8 @@ def test_bad_settings_are_refused_by_name():
         ExtendSettings(mix={"needles": 1.0})
     with pytest.raises(ValueError, match="lr_schedule"):
         ExtendSettings(lr_schedule="linear")
+    with pytest.raises(ValueError, match="key_conv_start must be one of .*, got 'identity'"):
+        ExtendSettings(key_conv_start="identity")
     with pytest.raises(ValueError, match="word_answers must be in \\[0, 1\\], got 2"):
         ExtendSettings(word_answers=2)
 
