@@ -10,15 +10,14 @@ and by which command, so the delta still says how every part of it was made.
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hf_llama_mem.convert_llama import resolve_delta
-from hf_llama_mem.extend import read_delta_metadata
+from hf_llama_mem.extend import read_delta_metadata, save_delta_file
 
 
 def main() -> None:
@@ -42,9 +41,7 @@ def main() -> None:
     raw["memory_write_surprisal_threshold"] = json.dumps(threshold)
     raw["amended"] = json.dumps(amended)
     out = Path(args.output) if args.output else path
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(load_file(str(path)), tmp, metadata=raw)
-    os.replace(tmp, out)
+    save_delta_file(out, load_file(str(path)), raw)
     print(f"{out}: memory_write_surprisal_threshold = {threshold}")
 
 

@@ -765,6 +765,12 @@ def config_conversion(config) -> dict:
 
 def write_delta(path: Path, model: nn.Module, metadata: dict) -> Path:
     tensors = {n: p.detach().cpu().float().contiguous() for n, p in delta_tensors(model).items()}
+    return save_delta_file(path, tensors, metadata)
+
+
+def save_delta_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """Write a delta file whole or not at all (through a temporary file): a run stopped mid-write leaves the old
+    one. Metadata values that are not strings are stored as JSON."""
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     os.replace(tmp, path)

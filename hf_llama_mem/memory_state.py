@@ -356,7 +356,8 @@ def check_tensors(tensors: dict, reference: DynamicCache, seen: int, config, pat
         if kind in FLOAT32_KINDS and tensor.dtype != torch.float32:
             raise ValueError(
                 f"Memory state {path}: {name} has dtype {tensor.dtype}, expected torch.float32 (the memory "
-                f"entries and matrices are kept in float32 whatever the model dtype)."
+                f"entries and matrices, and the surprisal gate's next-token log-probabilities, are kept in float32 "
+                f"whatever the model dtype)."
             )
         if not tensor.dtype.is_floating_point:
             raise ValueError(
