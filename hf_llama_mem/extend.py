@@ -453,8 +453,7 @@ def start_key_conv_at_previous_token(model: nn.Module) -> None:
     """Set every memory layer's key convolution to pass on the previous token's key alone (the tap before the
     token's own; `KeyConvolution` pads the taps in front), and zero the centring offsets, which were fitted to the
     keys of the convolution replaced, so that `extend` recalibrates them."""
-    memories = [m for m in model.modules() if isinstance(m, LlamaMemMemory)]
-    for memory in memories:
+    for memory in (m for m in model.modules() if isinstance(m, LlamaMemMemory)):
         taps = memory.key_conv.kernel_size[0]
         if taps < 2:
             raise ValueError(f"key_conv_start='previous_token' needs memory_conv_size >= 2, got {taps}.")

@@ -30,6 +30,7 @@ from hf_llama_mem.extend import (
 from hf_llama_mem.extend import logger as extend_logger
 from hf_llama_mem.long_context_data import DEFAULT_WEIGHTS, LongContextData, NaturalText
 from hf_llama_mem.memory_layer import LlamaMemMemory
+from hf_llama_mem.windowed_attention import WindowView
 
 from .helpers import TINY_DIMS, assert_close
 
@@ -216,7 +217,7 @@ def test_a_second_stage_can_start_the_key_convolution_at_the_previous_token(sour
     memory = model.model.layers[0].self_attn.memory
     hidden = torch.randn(1, 40, model.config.hidden_size)
     key, value = torch.randn(2, 1, model.config.num_key_value_heads, 40, model.config.head_dim).unbind(0)
-    view = type("View", (), {"token_valid": None, "decoding": False})()
+    view = WindowView(model.config.sliding_window, 0, None, None, decoding=False, differentiable=False)
     with torch.no_grad():
         entries = memory.entries(hidden, key, value, view, None)
     leaving = entries.shape[2]  # without a cache, the tokens that leave the window
