@@ -217,13 +217,18 @@ def verify_conversion(source: PreTrainedModel, converted: PreTrainedModel, num_s
     window = min(converted.config.sliding_window, CHECK_LENGTH)
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
+    scale = 0.0
     with torch.no_grad():
         for _ in range(num_sequences):
             ids = torch.randint(0, converted.config.vocab_size, (1, window), generator=generator)
             ids = ids.to(converted.device)
-            diff = (converted(ids).logits.float() - source(ids).logits.float()).abs().max()
-            worst = max(worst, diff.item())
-    tolerance = 1e-4 if converted.dtype == torch.float32 else 5e-2
+            expected = source(ids).logits.float()
+            worst = max(worst, (converted(ids).logits.float() - expected).abs().max().item())
+            scale = max(scale, expected.abs().max().item())
+    # Relative to the logits' size: a model whose writes are gated by surprisal runs its forward in pieces of W - 1
+    # tokens through a cache, which rounds differently from one pass (SmolLM2, logits up to 34: 1.5e-4 on a 2-core
+    # AMD EPYC, under 1e-4 on the CPU before it); a real fault (an open memory, a wrong mask) is far larger.
+    tolerance = max(1e-4, 2e-5 * scale) if converted.dtype == torch.float32 else 5e-2
     if worst > tolerance:
         raise ValueError(f"Converted model differs from the source by {worst:.3e} (tolerance {tolerance:.0e}).")
     return {"checked_sequences": num_sequences, "checked_length": window, "max_abs_logit_diff": worst}

@@ -196,6 +196,17 @@ def test_from_llama_verifies_the_conversion():
         verify_conversion(llama, converted, num_sequences=0)
 
 
+def test_verify_conversion_refuses_a_conversion_that_changed_the_window():
+    llama = LlamaForCausalLM(LlamaConfig(**DIMS)).eval()
+    converted = LlamaMemForCausalLM.from_llama(llama, sliding_window=WINDOW)
+    from hf_llama_mem.convert_llama import verify_conversion
+
+    with torch.no_grad():
+        converted.model.layers[0].self_attn.v_proj.weight.add_(0.05)  # a copy fault of the size a wrong weight makes
+    with pytest.raises(ValueError, match=r"Converted model differs from the source by .* \(tolerance 1e-04\)"):
+        verify_conversion(llama, converted)
+
+
 def test_a_delta_from_extend_is_applied_by_convert(llama_folder, tmp_path):
     from hf_llama_mem.convert_llama import convert_checkpoint
     from hf_llama_mem.extend import DELTA_FILE, ExtendSettings, extend
