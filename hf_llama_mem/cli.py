@@ -298,7 +298,8 @@ def add_convert_command(commands) -> None:
     p.add_argument(
         "--delta",
         help="apply a trained memory delta: a file written by `hf-llama-mem extend`, or the name of a shipped one "
-        "(smollm2-135m-instruct); its window, rule and memory layers are used",
+        "(smollm2-135m-instruct); its rule and memory layers are used, and its window unless --sliding-window "
+        "sets another",
     )
     p.add_argument(
         "--surprisal-threshold",

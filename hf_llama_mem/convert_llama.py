@@ -276,8 +276,9 @@ def convert_checkpoint(
     the source's tokenizer, checked against the source, and return a summary.
 
     delta: a trained memory delta (a file `extend` wrote, or a name in SHIPPED_DELTAS) applied after conversion; the
-    window, memory rule and memory layers then come from the delta. plain: save the source itself as a plain
-    transformers folder instead (a GGUF file dequantized; the full-attention baseline).
+    memory rule and memory layers then come from the delta, and so does the window unless sliding_window is given.
+    plain: save the source itself as a plain transformers folder instead (a GGUF file dequantized; the full-attention
+    baseline).
     """
     destination = Path(destination)
     check_destination(source, destination, overwrite)
@@ -292,6 +293,8 @@ def convert_checkpoint(
         for name, value in delta_conversion(delta_path).items():
             if name in READ_TIME_FIELDS and name in config_overrides:
                 continue  # how the memory is written is the conversion's choice; the delta's is the default
+            if name == "sliding_window" and name in config_overrides:
+                continue  # the delta's W is the default: it applies at any (apply_delta warns when it differs)
             if name in config_overrides and config_overrides[name] != value:
                 raise ValueError(
                     f"The delta was trained with {name}={value!r}; the conversion asks for {config_overrides[name]!r}."

@@ -822,8 +822,9 @@ def delta_conversion(delta_path: str | os.PathLike) -> dict:
 
 def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTrainedModel:
     """Load a delta into a LlamaMem model in place: the memory tensors, and the LoRA factors merged into their
-    projections as PEFT merges them (W + B @ A * alpha / r). Raises ValueError naming every mismatch (window, memory
-    layers, memory rule, dimensions, missing or extra tensors, shapes) before anything is changed. A model with a
+    projections as PEFT merges them (W + B @ A * alpha / r). Raises ValueError naming every mismatch (memory layers,
+    memory rule, dimensions, missing or extra tensors, shapes) before anything is changed. A model with another window
+    than the delta's takes it, with a warning: no tensor depends on W. A model with a
     token gate (`memory_token_gate`) takes a delta trained without one: the gate's weights are set to zero, which
     is that delta's model exactly."""
     from safetensors.torch import load_file
@@ -840,6 +841,13 @@ def apply_delta(model: PreTrainedModel, delta_path: str | os.PathLike) -> PreTra
     added = set()  # the suffixes of parameters the model has and the delta was trained without: they start at zero
     for name, value in delta_conversion(delta_path).items():
         if name in READ_TIME_FIELDS:
+            continue
+        if name == "sliding_window":
+            if value != have[name]:
+                # No memory parameter depends on W: the memory holds whatever has left the window, at any W.
+                logger.warning(
+                    f"The delta was trained with sliding_window={value}; this model reads it at {have[name]}."
+                )
             continue
         if name in ADDABLE_PARAMETERS and value is False and have[name] is True:
             added.add(ADDABLE_PARAMETERS[name])

@@ -225,12 +225,19 @@ def test_a_delta_from_extend_is_applied_by_convert(llama_folder, tmp_path):
     )
     extend(str(llama_folder), tmp_path / "run", settings)
     delta = tmp_path / "run" / DELTA_FILE
-    with pytest.raises(ValueError, match="trained with sliding_window=16; the conversion asks for 32"):
-        convert_checkpoint(llama_folder, tmp_path / "bad", delta=delta, sliding_window=32)
+    with pytest.raises(ValueError, match=r"trained with memory_layers=\[0, 1\]; the conversion asks for \[0\]"):
+        convert_checkpoint(llama_folder, tmp_path / "bad", delta=delta, memory_layers=[0])
     summary = convert_checkpoint(llama_folder, tmp_path / "mem", delta=delta)
     assert summary["sliding_window"] == 16 and summary["max_abs_logit_diff"] <= 1e-5
     converted = AutoModelForCausalLM.from_pretrained(tmp_path / "mem").eval()
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    # No memory parameter depends on W, so the delta reads at another window too: its tensors, checked within W.
+    longer = convert_checkpoint(llama_folder, tmp_path / "w32", delta=delta, sliding_window=32)
+    assert longer["sliding_window"] == 32 and longer["max_abs_logit_diff"] <= 1e-5
+    at_32 = AutoModelForCausalLM.from_pretrained(tmp_path / "w32")
+    assert at_32.config.sliding_window == 32
+    for param, wanted in zip(at_32.memory_parameters(), trained.memory_parameters(), strict=True):
+        assert torch.equal(param, wanted)
     ids = torch.randint(0, 384, (1, 80))
     with torch.no_grad():
         assert_close(converted(ids).logits, trained(ids).logits, 1e-5, "delta applied by convert")
