@@ -207,6 +207,24 @@ def test_verify_conversion_refuses_a_conversion_that_changed_the_window():
         verify_conversion(llama, converted)
 
 
+def test_the_tolerance_relative_to_the_logits_is_for_gated_conversions_only():
+    """Only a surprisal-gated model rounds differently from its source (it runs in pieces through a cache); an
+    ungated conversion with large logits is held to the absolute 1e-4."""
+    from hf_llama_mem.convert_llama import verify_conversion
+
+    llama = LlamaForCausalLM(LlamaConfig(**DIMS)).eval()
+    ids = torch.randint(0, DIMS["vocab_size"], (1, WINDOW))
+    with torch.no_grad():
+        llama.lm_head.weight.mul_(200.0 / llama(ids).logits.abs().max())  # logits up to about 200
+    converted = LlamaMemForCausalLM.from_llama(llama, sliding_window=WINDOW)
+    with torch.no_grad():
+        converted.model.norm.weight.mul_(1 + 2.5e-6)  # off by about 5e-4: over 1e-4, under 2e-5 x 200
+    with pytest.raises(ValueError, match=r"differs from the source by .* \(tolerance 1e-04\)"):
+        verify_conversion(llama, converted)
+    converted.config.memory_write_surprisal_threshold = 2.0
+    assert 1e-4 < verify_conversion(llama, converted)["max_abs_logit_diff"] < 2e-5 * 200
+
+
 def test_a_delta_from_extend_is_applied_by_convert(llama_folder, tmp_path):
     from hf_llama_mem.convert_llama import convert_checkpoint
     from hf_llama_mem.extend import DELTA_FILE, ExtendSettings, extend
