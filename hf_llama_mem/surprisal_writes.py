@@ -94,11 +94,10 @@ def surprisal_gated_forward(lm, input_ids, attention_mask, position_ids, cache, 
                 windowed = lm.model(**inputs, cache=memory_layers[0].windowed_cache, windowed_pass=True)
                 windowed_logits = lm.lm_head(windowed.last_hidden_state)
         outputs = lm.model(**inputs, cache=cache, output_hidden_states=output_hidden_states)
-        logits = lm.lm_head(outputs.last_hidden_state)
         if memory_layers:
             gate_writes(memory_layers, input_ids[:, start:end], windowed_logits, mask, threshold)
-        if end > first_kept:
-            kept_logits.append(logits[:, max(first_kept - start, 0) :])
+        if end > first_kept:  # the LM head only where logits are kept (a prefill keeps its last position's)
+            kept_logits.append(lm.lm_head(outputs.last_hidden_state[:, max(first_kept - start, 0) :]))
         if output_hidden_states:
             hidden_pieces.append(outputs.hidden_states)
     logits = torch.cat(kept_logits, dim=1)
