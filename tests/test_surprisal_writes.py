@@ -109,6 +109,19 @@ def test_one_forward_equals_chunked_prefill_plus_decode():
     assert_close(torch.cat(pieces, dim=1), whole, atol=1e-5, what="prefill + decode vs one forward")
 
 
+@pytest.mark.parametrize("keep", [1, WINDOW + 2, "positions"])
+def test_logits_to_keep_gives_those_positions_of_the_whole_forward(keep):
+    """The LM head runs only where logits are kept: the last k positions (here also more than one piece of W - 1) or
+    chosen ones are those of the forward that keeps every position."""
+    _, gated, ids, _ = gated_pair()
+    positions = torch.tensor([0, WINDOW - 1, 3 * WINDOW, ids.shape[1] - 1])
+    with torch.no_grad():
+        whole = gated(ids, use_cache=False).logits
+        kept = gated(ids, use_cache=False, logits_to_keep=positions if keep == "positions" else keep).logits
+    expected = whole[:, positions] if keep == "positions" else whole[:, -keep:]
+    assert_close(kept, expected, atol=1e-5, what=f"logits_to_keep={keep}")
+
+
 def test_left_padding_changes_nothing():
     _, gated, ids, _ = gated_pair()
     short = ids[:1, 5:]
