@@ -275,6 +275,26 @@ def test_the_delta_applied_to_a_fresh_conversion_gives_the_trained_models_logits
         assert_close(saved(ids).logits, expected, 1e-5, "saved full model vs the trained model")
 
 
+def test_a_gated_models_sample_losses_are_the_cross_entropy_of_each_samples_own_tokens(source):
+    """With surprisal-gated writes the loss goes through the model's own logits (not the decoder and a separate LM
+    head): each sample's loss is the cross-entropy of its own labelled tokens under the full forward, alone or
+    batched."""
+    settings = ExtendSettings(**{**SETTINGS, "memory_write_surprisal_threshold": 2.0})
+    model = prepare(load_model(source, settings), settings)
+    data = LongContextData(ByT5Tokenizer(), NaturalText(ByT5Tokenizer(), stdlib_source_files("train")[:2]), WINDOW)
+    samples = [
+        data.generate(kind, 320, seed) for kind, seed in (("passkey", 0), ("passkey", 1), ("language_modelling", 0))
+    ]
+    with torch.no_grad():
+        expected = []
+        for sample in samples:
+            ids, labels = torch.tensor([sample["input_ids"]]), torch.tensor(sample["labels"][1:])
+            logits = model(input_ids=ids).logits[0, :-1]
+            expected.append(torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100]))
+        assert_close(sample_losses(model, samples)[0], torch.stack(expected), 1e-5, "three samples batched")
+        assert_close(sample_losses(model, samples[:2])[0], torch.stack(expected[:2]), 1e-5, "two passkeys batched")
+
+
 def test_samples_weigh_the_same_whatever_the_micro_batch(source):
     settings = ExtendSettings(**SETTINGS)
     model = prepare(load_model(source, settings), settings)
