@@ -232,8 +232,10 @@ def verify_conversion(source: PreTrainedModel, converted: PreTrainedModel, num_s
     gated = converted.config.memory_write_surprisal_threshold is not None
     if converted.dtype != torch.float32:
         tolerance = 5e-2
+    elif gated:
+        tolerance = max(1e-4, 2e-5 * scale)
     else:
-        tolerance = max(1e-4, 2e-5 * scale) if gated else 1e-4
+        tolerance = 1e-4
     if worst > tolerance:
         raise ValueError(f"Converted model differs from the source by {worst:.3e} (tolerance {tolerance:.0e}).")
     return {"checked_sequences": num_sequences, "checked_length": window, "max_abs_logit_diff": worst}
